@@ -1,0 +1,3 @@
+namespace FineTune.Domain.Jobs;
+
+public enum JobStatus { Queued, Running, Succeeded, Failed, Cancelled }
