@@ -1,0 +1,50 @@
+using System.Text.Json.Serialization;
+using FineTune.Domain.Models;
+
+namespace FineTune.Domain.Methods;
+
+/// <summary>
+/// The adapter method of a job and its options: a discriminated union on <c>type</c>. Each method's options live in
+/// one file beside this one; the worker's layer for it lives in <c>src/Worker/Training/Methods/&lt;Method&gt;/</c>.
+/// Adding a method: one options record here, one <see cref="JsonDerivedTypeAttribute"/> line, one worker folder.
+/// </summary>
+[JsonPolymorphic(TypeDiscriminatorPropertyName = "type", UnknownDerivedTypeHandling = JsonUnknownDerivedTypeHandling.FailSerialization)]
+[JsonDerivedType(typeof(LoraMethod), "lora")]
+[JsonDerivedType(typeof(BoneMethod), "bone")]
+public abstract record MethodSpec
+{
+    /// <summary>Short module names to adapt (HF names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).</summary>
+    public string[] TargetModules { get; init; } = ["q_proj", "v_proj"];
+
+    [JsonIgnore] public abstract string Type { get; }
+
+    public static readonly string[] KnownTypes = ["lora", "bone"];
+    public static readonly string[] AllModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+    /// <summary>Option errors that need no model (ranges), keyed by JSON path.</summary>
+    public virtual IEnumerable<(string Field, string Error)> Validate(string prefix = "method")
+    {
+        if (TargetModules is null || TargetModules.Length == 0)
+            yield return ($"{prefix}.targetModules", "must name at least one module");
+        else
+        {
+            if (TargetModules.Length > AllModules.Length) yield return ($"{prefix}.targetModules", "too many entries");
+            foreach (var m in TargetModules.Where(m => !AllModules.Contains(m)))
+                yield return ($"{prefix}.targetModules", $"unknown module '{m}'; known: {string.Join(", ", AllModules)}");
+            if (TargetModules.Distinct().Count() != TargetModules.Length)
+                yield return ($"{prefix}.targetModules", "lists a module twice");
+        }
+    }
+
+    /// <summary>Errors against the model's module shapes (divisibility, rank bounds), naming the module and its shape.</summary>
+    public virtual IEnumerable<(string Field, string Error)> ValidateShapes(IReadOnlyList<ModuleShape> layerLinears, string prefix = "method")
+    {
+        yield break;
+    }
+
+    /// <summary>Trainable parameters this method adds to one module of shape (out, in).</summary>
+    public abstract long TrainableParameters(ModuleShape module);
+
+    protected IEnumerable<ModuleShape> Targeted(IReadOnlyList<ModuleShape> shapes) =>
+        shapes.Where(s => TargetModules.Contains(s.Name));
+}
