@@ -1,1 +1,26 @@
-Console.WriteLine("worker");
+using FineTune.Worker;
+using FineTune.Worker.Training.Model;
+using FineTune.Worker.Training.Tokenizers;
+
+// Besides running a worker node, the binary makes the demo's inputs (no download needed):
+//   FineTune.Worker make-tiny-model <dir>     a tiny random Llama-style model folder with its byte-level tokenizer
+//   FineTune.Worker make-sample-data <file>   a small prompt/completion JSONL dataset
+switch (args)
+{
+    case ["make-tiny-model", var dir]:
+        TinyModel.Write(dir, seed: 1234);
+        TinyTokenizer.WriteFiles(dir);
+        Console.WriteLine($"tiny model written to {Path.GetFullPath(dir)}");
+        return 0;
+    case ["make-sample-data", var file]:
+        SampleData.Write(file);
+        Console.WriteLine($"sample dataset written to {Path.GetFullPath(file)}");
+        return 0;
+    case [var verb, ..] when !verb.StartsWith('-'):
+        Console.Error.WriteLine($"unknown command '{verb}'. Commands: make-tiny-model <dir>, make-sample-data <file>; no command runs the worker node.");
+        return 2;
+}
+
+using var host = WorkerHost.CreateBuilder(args).Build();
+await host.RunAsync();
+return 0;

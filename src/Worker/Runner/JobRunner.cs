@@ -1,0 +1,169 @@
+using System.Diagnostics;
+using System.Text.Json;
+using FineTune.Domain.Datasets;
+using FineTune.Domain.Dispatch;
+using FineTune.Domain.Jobs;
+using FineTune.Domain.Methods;
+using FineTune.Worker.Torch;
+using FineTune.Worker.Training;
+using FineTune.Worker.Training.Tokenizers;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Options;
+using Npgsql;
+
+namespace FineTune.Worker.Runner;
+
+/// <summary>
+/// Runs one fine-tune job on this node: takes the job's lease, trains (resuming from the newest checkpoint), publishes
+/// the adapter and records the end state. Quartz only decides where and when this runs; every state change goes
+/// through <see cref="JobLease"/>, whose generation number fences a duplicate run (Quartz can start a job twice
+/// after a database stall) out of every write.
+/// </summary>
+public sealed class JobRunner(
+    NpgsqlDataSource db,
+    ArtifactStore store,
+    DeviceSlots devices,
+    StorageSettings storage,
+    IOptions<WorkerOptions> options,
+    ILogger<JobRunner> log) : IJobRunner
+{
+    private static readonly JsonSerializerOptions Json = new(JsonSerializerDefaults.Web);
+    private readonly WorkerOptions _options = options.Value;
+    private readonly string _node = options.Value.NodeName ?? $"{Environment.MachineName}:{Environment.ProcessId}";
+
+    public async Task RunAsync(Guid jobId, bool recovering, CancellationToken ct)
+    {
+        using var scope = log.BeginScope(new Dictionary<string, object> { ["JobId"] = jobId });
+        var lease = await JobLease.TryAcquireAsync(db, jobId, _node, recovering, _options.LeaseTimeout, ct);
+        if (lease is null)
+        {
+            log.LogInformation("Job {JobId} is not runnable here (finished, cancelled or leased by a live node)", jobId);
+            return;
+        }
+        log.LogInformation("Job {JobId} leased by {Node} (generation {Generation}, attempt {Attempt})",
+            jobId, _node, lease.Generation, lease.Job.Attempt);
+
+        using var device = await devices.AcquireAsync(ct);
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        var heartbeat = lease.KeepAliveAsync(_options.HeartbeatInterval, stop, log);
+        string? staging = null;
+        try
+        {
+            staging = store.StagingDir(jobId, lease.Generation);
+            var result = await TrainAsync(lease, device.Device, staging, stop.Token);
+            await PublishAsync(lease, staging, result, stop.Token);
+            staging = null;
+        }
+        catch (OperationCanceledException)
+        {
+            if (lease.Lost)
+                log.LogWarning("Job {JobId}: lease lost to another node; this run stops without writing", jobId);
+            else if (lease.CancelRequested || await lease.IsCancelRequestedAsync())
+            {
+                await lease.FinishAsync(JobStatus.Cancelled, null, null, "cancelled", "Cancelled on request; no adapter was saved.");
+                log.LogInformation("Job {JobId} cancelled", jobId);
+            }
+            else
+            {
+                // The node is shutting down: hand the job back; Quartz fires its recovery trigger on a live node,
+                // which resumes from the last checkpoint.
+                await lease.ReleaseAsync("The node shut down; the job goes back to the queue and resumes from its last checkpoint.");
+                throw;
+            }
+        }
+        catch (JobFailure failure)
+        {
+            await lease.FinishAsync(JobStatus.Failed, failure.Code, failure.Message, "failed", failure.Message);
+            log.LogWarning("Job {JobId} failed: {Code}: {Message}", jobId, failure.Code, failure.Message);
+        }
+        catch (Exception e) when (e is TorchException or InvalidDataException or SafetensorsException or IOException)
+        {
+            await lease.FinishAsync(JobStatus.Failed, "training_error", e.Message, "failed", e.Message);
+            log.LogError(e, "Job {JobId} failed while training", jobId);
+        }
+        finally
+        {
+            await stop.CancelAsync();
+            await heartbeat;
+            if (staging is not null && Directory.Exists(staging)) Directory.Delete(staging, recursive: true);
+        }
+    }
+
+    private async Task<TrainingResult> TrainAsync(JobLease lease, Device device, string staging, CancellationToken ct)
+    {
+        var job = lease.Job;
+        var method = JsonSerializer.Deserialize<MethodSpec>(job.MethodJson, Json)
+            ?? throw new JobFailure("invalid_job", "The job's method is empty.");
+        var hyper = JsonSerializer.Deserialize<Hyperparameters>(job.HyperparametersJson, Json) ?? new Hyperparameters();
+
+        if (!Directory.Exists(job.ModelPath))
+            throw new JobFailure("model_unavailable", $"The model folder '{job.Model}' is not reachable from this node.");
+        var train = ReadDataset(job.TrainingData, "trainingData");
+        var validation = job.ValidationData is null ? null : ReadDataset(job.ValidationData, "validationData");
+        ITokenizer tokenizer;
+        try { tokenizer = TokenizerLoader.Load(job.ModelPath); }
+        catch (TokenizerException e) { throw new JobFailure("tokenizer_error", e.Message); }
+
+        var resumeFrom = await lease.LatestCheckpointAsync(ct);
+        if (resumeFrom is not null) await lease.EventAsync("resumed", $"Resuming from the checkpoint of step {resumeFrom.Value.Step}.", ct);
+
+        var spec = new TrainingSpec(job.ModelPath, tokenizer, train.Examples, validation?.Examples, method, hyper,
+            device, ScalarType.Float32, store.CheckpointDir(job.Id), resumeFrom?.Path, staging,
+            LogEvery: _options.LogEvery, CheckpointEvery: _options.CheckpointEvery, BaseModelName: job.Model)
+        {
+            DatasetSha256 = train.Sha256,
+        };
+        var reporter = new Reporter(lease, store, _options);
+        var stopwatch = Stopwatch.StartNew();
+        var result = await new Trainer().RunAsync(spec, reporter, ct);
+        log.LogInformation("Job {JobId} trained {Steps} steps in {Seconds:F1}s, final loss {Loss:F4}",
+            job.Id, result.Steps, stopwatch.Elapsed.TotalSeconds, result.FinalLoss);
+        return result;
+    }
+
+    private DatasetReadResult ReadDataset(string uri, string field)
+    {
+        DatasetReadResult result;
+        try { result = DatasetReader.Read(DatasetUri.Resolve(uri, storage.DataRoots)); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or DatasetException or DatasetUriException)
+        {
+            throw new JobFailure("invalid_data", $"{field}: {e.Message}");
+        }
+        if (result.ErrorCount > 0)
+            throw new JobFailure("invalid_data",
+                $"{field}: {result.ErrorCount} bad line(s): {string.Join("; ", result.Errors.Take(5))}");
+        if (result.Examples.Count == 0) throw new JobFailure("invalid_data", $"{field}: the dataset has no examples.");
+        return result;
+    }
+
+    private async Task PublishAsync(JobLease lease, string staging, TrainingResult result, CancellationToken ct)
+    {
+        var files = ArtifactStore.Describe(staging);
+        var metadataPath = Path.Combine(staging, "metadata.json");
+        var metadata = File.Exists(metadataPath) ? await File.ReadAllTextAsync(metadataPath, ct) : "{}";
+        await lease.PublishAdapterAsync(store, staging, files, metadata, result, ct);
+    }
+
+    /// <summary>The trainer's callbacks: each write is fenced by the lease generation.</summary>
+    private sealed class Reporter(JobLease lease, ArtifactStore store, WorkerOptions options) : ITrainingReporter
+    {
+        public ValueTask OnStartedAsync(long totalSteps, long resumedFromStep, CancellationToken ct) =>
+            new(lease.StartedAsync(totalSteps, resumedFromStep, ct));
+
+        public ValueTask OnMetricsAsync(TrainingMetrics m, CancellationToken ct) => new(lease.MetricsAsync(m, ct));
+
+        public async ValueTask BeforeCheckpointAsync(long step, CancellationToken ct) => await lease.EnsureHeldAsync(ct);
+
+        public async ValueTask OnCheckpointAsync(long step, string path, string sha256, long sizeBytes, CancellationToken ct)
+        {
+            await lease.CheckpointAsync(step, path, sha256, sizeBytes, ct);
+            store.PruneCheckpoints(lease.Job.Id, options.KeepCheckpoints);
+        }
+    }
+}
+
+/// <summary>A job failure with a code for the API (not retried: the same input fails the same way).</summary>
+public sealed class JobFailure(string code, string message) : Exception(message)
+{
+    public string Code { get; } = code;
+}

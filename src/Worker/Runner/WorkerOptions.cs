@@ -1,0 +1,28 @@
+namespace FineTune.Worker.Runner;
+
+/// <summary>Worker node settings (section "Worker").</summary>
+public sealed class WorkerOptions
+{
+    public const string Section = "Worker";
+
+    /// <summary>GPU pools (Quartz execution groups) this node serves, e.g. ["cpu"] or ["gpu-h100"].</summary>
+    public string[] Pools { get; set; } = ["cpu"];
+    /// <summary>"cpu" or "cuda". On cuda, one slot per visible GPU unless <see cref="Slots"/> says otherwise.</summary>
+    public string Device { get; set; } = "cpu";
+    /// <summary>Concurrent jobs on this node (0 = one per GPU, 1 on CPU).</summary>
+    public int Slots { get; set; }
+    /// <summary>How often a running job's lease is renewed (and cancel requests polled).</summary>
+    public TimeSpan HeartbeatInterval { get; set; } = TimeSpan.FromSeconds(2);
+    /// <summary>A running job whose lease is older than this is considered abandoned and may be taken over.</summary>
+    public TimeSpan LeaseTimeout { get; set; } = TimeSpan.FromSeconds(30);
+    /// <summary>Metrics row every N optimizer steps.</summary>
+    public int LogEvery { get; set; } = 5;
+    /// <summary>Checkpoint every N optimizer steps.</summary>
+    public int CheckpointEvery { get; set; } = 25;
+    /// <summary>Keep this many newest checkpoints per job on disk.</summary>
+    public int KeepCheckpoints { get; set; } = 2;
+    /// <summary>How often the reconciler looks for queued jobs that lost their trigger.</summary>
+    public TimeSpan ReconcileInterval { get; set; } = TimeSpan.FromSeconds(15);
+    /// <summary>Node name in leases and events (default: host name + process id).</summary>
+    public string? NodeName { get; set; }
+}
