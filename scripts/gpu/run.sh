@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On a GPU host that has PyTorch (CUDA libtorch >= 2.1) but no .NET SDK: builds the native shim against the host's
+# libtorch, unpacks the runtime packed by pack.sh, and runs the given command with the environment set.
+#   scripts/gpu/run.sh dotnet .device/worker-tests/FineTune.Worker.Tests.dll
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+work="${FINETUNE_GPU_WORK:-/tmp/finetune-gpu}"
+mkdir -p "$work"
+torch_prefix="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')"
+torch_lib="$(python3 -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')"
+if [ ! -f "$work/native/libfinetune_torch.so" ]; then
+  gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+  cmake -S "$REPO_ROOT/src/Worker/Torch/native" -B "$work/cmake" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
+    -DTorch_DIR="$torch_prefix/Torch" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$work/native" >&2
+  cmake --build "$work/cmake" -j "$(nproc)" >&2
+fi
+if [ ! -x "$work/dotnet/dotnet" ]; then
+  mkdir -p "$work/dotnet" && tar -xJf "$REPO_ROOT/.device/dotnet-runtime.tar.xz" -C "$work/dotnet"
+fi
+export DOTNET_ROOT="$work/dotnet" PATH="$work/dotnet:$PATH" DOTNET_CLI_TELEMETRY_OPTOUT=1
+export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}" FINETUNE_TORCH_NATIVE="$work/native/libfinetune_torch.so"
+exec "$@"
