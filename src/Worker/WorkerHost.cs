@@ -29,7 +29,7 @@ public static class WorkerHost
 
         var slots = DeviceSlots.FromOptions(worker);
         builder.Services.AddSingleton(slots);
-        builder.Services.AddSingleton(new ArtifactStore(storage.Root));
+        builder.Services.AddSingleton(new ArtifactStore(storage.ArtifactRoot));
         builder.Services.AddSingleton(_ => new NpgsqlDataSourceBuilder(connectionString).Build());
         builder.Services.AddSingleton<IJobRunner, JobRunner>();
         // Hosted services start in registration order: the schema first, then the Quartz node, then the reconciler.
@@ -60,15 +60,15 @@ public static class WorkerHost
     }
 }
 
-/// <summary>Where files live (section "Storage"): the artifact root and the roots that model and data URIs may name.</summary>
-public sealed record StorageSettings(string Root, IReadOnlyList<string> ModelRoots, IReadOnlyList<string> DataRoots)
+/// <summary>Where files live (section "Storage", as the API reads it): models/, datasets/ and artifacts/ under Root by default.</summary>
+public sealed record StorageSettings(string ArtifactRoot, IReadOnlyList<string> ModelRoots, IReadOnlyList<string> DataRoots)
 {
     public static StorageSettings From(IConfiguration config)
     {
-        var root = Path.GetFullPath(config["Storage:Root"] ?? Path.Combine(Environment.CurrentDirectory, ".data"));
-        string[] Roots(string key) => config.GetSection(key).Get<string[]>() is { Length: > 0 } r
-            ? r.Select(Path.GetFullPath).ToArray()
-            : [root];
-        return new StorageSettings(root, Roots("Storage:ModelRoots"), Roots("Storage:DataRoots"));
+        var root = config["Storage:Root"] ?? ".data";
+        string[] Roots(string key, string sub) =>
+            [.. (config.GetSection(key).Get<string[]>() is { Length: > 0 } r ? r : [Path.Combine(root, sub)]).Select(Path.GetFullPath)];
+        return new StorageSettings(Path.GetFullPath(config["Storage:ArtifactRoot"] ?? Path.Combine(root, "artifacts")),
+            Roots("Storage:ModelRoots", "models"), Roots("Storage:DataRoots", "datasets"));
     }
 }
