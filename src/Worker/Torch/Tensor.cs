@@ -157,6 +157,14 @@ public sealed unsafe partial class Tensor : IDisposable
             return Wrap(Native.ft_from_data(p, raw.Length, s, shape.Length, (int)dtype, d.NativeType, d.Index));
     }
 
+    /// <summary>Copies <paramref name="nbytes"/> raw bytes (may exceed 2 GiB) into a new CPU tensor.</summary>
+    internal static Tensor FromPointer(byte* data, long nbytes, ScalarType dtype, long[] shape)
+    {
+        Native.EnsureLoaded();
+        fixed (long* s = shape)
+            return Wrap(Native.ft_from_data(data, nbytes, s, shape.Length, (int)dtype, 0, 0));
+    }
+
     public static Tensor ZerosLike(Tensor t) => t.Unary(UnaryOp.ZerosLike);
     public static Tensor OnesLike(Tensor t) => t.Unary(UnaryOp.OnesLike);
 
