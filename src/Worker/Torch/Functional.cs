@@ -1,0 +1,73 @@
+namespace FineTune.Worker.Torch;
+
+/// <summary>Neural-network functions (torch.nn.functional equivalents).</summary>
+public static class F
+{
+    public static Tensor Linear(Tensor x, Tensor weight, Tensor? bias = null) =>
+        Call(Native.ft_linear(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero), x, weight, bias);
+
+    public static Tensor Embedding(Tensor weight, Tensor ids) => Call(Native.ft_embedding(weight.Handle, ids.Handle), weight, ids);
+
+    /// <summary>logits (N, C), targets (N) Int64; targets equal to <paramref name="ignoreIndex"/> do not count.</summary>
+    public static Tensor CrossEntropy(Tensor logits, Tensor targets, long ignoreIndex = -100, string reduction = "mean")
+    {
+        var r = reduction switch
+        {
+            "none" => 0, "mean" => 1, "sum" => 2,
+            _ => throw new ArgumentException($"reduction must be mean, sum or none, not '{reduction}'", nameof(reduction)),
+        };
+        return Call(Native.ft_cross_entropy(logits.Handle, targets.Handle, ignoreIndex, r), logits, targets);
+    }
+
+    /// <summary>
+    /// softmax(q·kᵀ/√d + mask)·v with q,k,v (B, H, T, D). A Bool mask marks positions that may be attended;
+    /// a float mask is added to the scores. libtorch 2.x runs its fused kernels; 1.13 runs the composed math.
+    /// </summary>
+    public static Tensor ScaledDotProductAttention(Tensor q, Tensor k, Tensor v, Tensor? mask = null, bool isCausal = false, double dropoutP = 0) =>
+        Call(Native.ft_sdpa(q.Handle, k.Handle, v.Handle, mask?.Handle ?? IntPtr.Zero, isCausal ? 1 : 0, dropoutP), q, k, v, mask);
+
+    /// <summary>weight · x/√(mean(x²)+eps), computed in fp32 (fp64 for fp64 input) and cast back to x's dtype.</summary>
+    public static Tensor RmsNorm(Tensor x, Tensor weight, double eps) => Call(Native.ft_rms_norm(x.Handle, weight.Handle, eps), x, weight);
+
+    public static Tensor Dropout(Tensor x, double p, bool training) => Call(Native.ft_dropout(x.Handle, p, training ? 1 : 0), x);
+
+    private static Tensor Call(IntPtr h, Tensor a, Tensor? b = null, Tensor? c = null, Tensor? d = null)
+    {
+        var r = Tensor.Wrap(h);
+        GC.KeepAlive(a);
+        GC.KeepAlive(b);
+        GC.KeepAlive(c);
+        GC.KeepAlive(d);
+        return r;
+    }
+}
+
+public static unsafe class Linalg
+{
+    public static (Tensor U, Tensor S, Tensor Vh) Svd(Tensor a, bool fullMatrices = false)
+    {
+        IntPtr u, s, vh;
+        Native.Check(Native.ft_svd(a.Handle, fullMatrices ? 1 : 0, &u, &s, &vh));
+        GC.KeepAlive(a);
+        return (Tensor.Wrap(u), Tensor.Wrap(s), Tensor.Wrap(vh));
+    }
+
+    public static (Tensor Q, Tensor R) Qr(Tensor a, bool reduced = true)
+    {
+        IntPtr q, r;
+        Native.Check(Native.ft_qr(a.Handle, reduced ? 1 : 0, &q, &r));
+        GC.KeepAlive(a);
+        return (Tensor.Wrap(q), Tensor.Wrap(r));
+    }
+
+    public static Tensor Inverse(Tensor a) => a.Unary(UnaryOp.Inverse);
+
+    /// <summary>Solves a·x = b.</summary>
+    public static Tensor Solve(Tensor a, Tensor b)
+    {
+        var r = Tensor.Wrap(Native.ft_binary(a.Handle, b.Handle, (int)BinaryOp.Solve, 1));
+        GC.KeepAlive(a);
+        GC.KeepAlive(b);
+        return r;
+    }
+}

@@ -1,0 +1,674 @@
+// Flat C ABI over libtorch's C++ API for the C# binding (FineTune.Worker.Torch).
+// Handles are heap-allocated at::Tensor*; every entry point catches every exception, stores the
+// message (without the C++ backtrace) in a thread-local buffer and returns null / -1.
+// Compiles against libtorch 1.13 (Debian, CPU) and 2.x (CUDA); version differences are guarded below.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/version.h>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+#ifdef FT_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#define FT_API extern "C" __attribute__((visibility("default")))
+#define FT_AT_LEAST(maj, min) (TORCH_VERSION_MAJOR > (maj) || (TORCH_VERSION_MAJOR == (maj) && TORCH_VERSION_MINOR >= (min)))
+
+using T = at::Tensor*;
+
+namespace {
+thread_local std::string g_error;
+
+void set_error(const char* msg) { g_error = msg ? msg : "unknown error"; }
+
+T wrap(at::Tensor&& t) { return new at::Tensor(std::move(t)); }
+T wrap(const at::Tensor& t) { return new at::Tensor(t); }
+
+at::Device device_of(int type, int index) {
+  if (type == 1) return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index < 0 ? 0 : index));
+  return at::Device(at::kCPU);
+}
+
+at::TensorOptions options(int dtype, int devtype, int devindex) {
+  return at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype)).device(device_of(devtype, devindex));
+}
+
+at::IntArrayRef dims(const int64_t* p, int n) { return at::IntArrayRef(p, static_cast<size_t>(n)); }
+
+c10::optional<at::Generator> gen_of(void* g) {
+  if (!g) return c10::nullopt;
+  return *static_cast<at::Generator*>(g);
+}
+
+std::vector<at::Tensor> list(T* ts, int n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (int i = 0; i < n; ++i) v.push_back(*ts[i]);
+  return v;
+}
+}  // namespace
+
+// Runs the body; on any exception records the message and returns `fail`.
+#define FT_TRY(fail, ...)                                         \
+  try {                                                           \
+    __VA_ARGS__                                                   \
+  } catch (const c10::Error& e) {                                 \
+    set_error(e.what_without_backtrace());                        \
+  } catch (const std::exception& e) {                             \
+    set_error(e.what());                                          \
+  } catch (...) {                                                 \
+    set_error("unknown C++ exception");                           \
+  }                                                               \
+  return fail;
+
+// ---------------------------------------------------------------- global
+FT_API const char* ft_last_error() { return g_error.c_str(); }
+FT_API const char* ft_version() { return TORCH_VERSION; }
+FT_API int ft_has_cuda_build() {
+#ifdef FT_WITH_CUDA
+  return 1;
+#else
+  return 0;
+#endif
+}
+FT_API void ft_free(T t) { delete t; }
+
+FT_API int ft_manual_seed(int64_t seed) {
+  FT_TRY(-1, {
+    auto cpu = at::detail::getDefaultCPUGenerator();
+    {
+      std::lock_guard<std::mutex> lock(cpu.mutex());
+      cpu.set_current_seed(static_cast<uint64_t>(seed));
+    }
+    if (at::hasCUDA()) {
+      int n = at::detail::getCUDAHooks().getNumGPUs();
+      for (int i = 0; i < n; ++i) {
+        auto g = at::detail::getCUDAHooks().getDefaultCUDAGenerator(i);
+        std::lock_guard<std::mutex> lock(g.mutex());
+        g.set_current_seed(static_cast<uint64_t>(seed));
+      }
+    }
+    return 0;
+  })
+}
+FT_API int ft_set_num_threads(int n) { FT_TRY(-1, { at::set_num_threads(n); return 0; }) }
+FT_API int ft_get_num_threads() { return at::get_num_threads(); }
+FT_API int ft_set_grad_enabled(int on) {
+  bool prev = at::GradMode::is_enabled();
+  at::GradMode::set_enabled(on != 0);
+  return prev ? 1 : 0;
+}
+FT_API int ft_is_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
+
+// ---------------------------------------------------------------- generators
+FT_API void* ft_generator_new(int64_t seed, int devtype, int devindex) {
+  FT_TRY(nullptr, {
+    at::Generator g;
+    if (devtype == 1) {
+      g = at::detail::getCUDAHooks().getDefaultCUDAGenerator(devindex).clone();
+    } else {
+      g = at::detail::createCPUGenerator(static_cast<uint64_t>(seed));
+    }
+    g.set_current_seed(static_cast<uint64_t>(seed));
+    return static_cast<void*>(new at::Generator(std::move(g)));
+  })
+}
+FT_API void ft_generator_free(void* g) { delete static_cast<at::Generator*>(g); }
+
+// ---------------------------------------------------------------- CUDA
+FT_API int ft_cuda_is_available() {
+  FT_TRY(0, { return at::hasCUDA() && at::detail::getCUDAHooks().getNumGPUs() > 0 ? 1 : 0; })
+}
+FT_API int ft_cuda_device_count() {
+  FT_TRY(0, { return at::hasCUDA() ? at::detail::getCUDAHooks().getNumGPUs() : 0; })
+}
+FT_API int ft_cuda_synchronize(int device) {
+  FT_TRY(-1, {
+#ifdef FT_WITH_CUDA
+    if (!at::hasCUDA()) return 0;
+    if (device < 0) {
+      c10::cuda::device_synchronize();
+    } else {
+      c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+      c10::cuda::device_synchronize();
+    }
+#else
+    (void)device;
+#endif
+    return 0;
+  })
+}
+// kind: 0 current allocated, 1 peak allocated
+FT_API int64_t ft_cuda_memory_stat(int device, int kind) {
+  FT_TRY(-1, {
+#ifdef FT_WITH_CUDA
+    if (!at::hasCUDA()) return 0;
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    const auto& s = stats.allocated_bytes[0];  // index 0 = StatType::AGGREGATE in every version
+    return kind == 0 ? static_cast<int64_t>(s.current) : static_cast<int64_t>(s.peak);
+#else
+    (void)device; (void)kind;
+    return 0;
+#endif
+  })
+}
+FT_API int ft_cuda_reset_peak(int device) {
+  FT_TRY(-1, {
+#ifdef FT_WITH_CUDA
+    if (at::hasCUDA()) c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+#else
+    (void)device;
+#endif
+    return 0;
+  })
+}
+FT_API int ft_cuda_empty_cache() {
+  FT_TRY(-1, {
+#ifdef FT_WITH_CUDA
+    if (at::hasCUDA()) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
+    return 0;
+  })
+}
+
+// ---------------------------------------------------------------- factories
+// kind: 0 zeros, 1 ones, 2 empty, 3 full
+FT_API T ft_factory(int kind, const int64_t* shape, int ndim, double value, int dtype, int devtype, int devindex) {
+  FT_TRY(nullptr, {
+    auto o = options(dtype, devtype, devindex);
+    auto s = dims(shape, ndim);
+    switch (kind) {
+      case 0: return wrap(at::zeros(s, o));
+      case 1: return wrap(at::ones(s, o));
+      case 2: return wrap(at::empty(s, o));
+      default: return wrap(at::full(s, value, o));
+    }
+  })
+}
+FT_API T ft_arange(double start, double end, double step, int dtype, int devtype, int devindex) {
+  FT_TRY(nullptr, { return wrap(at::arange(start, end, step, options(dtype, devtype, devindex))); })
+}
+// kind: 0 randn, 1 rand
+FT_API T ft_random(int kind, const int64_t* shape, int ndim, void* gen, int dtype, int devtype, int devindex) {
+  FT_TRY(nullptr, {
+    auto o = options(dtype, devtype, devindex);
+    auto s = dims(shape, ndim);
+    return wrap(kind == 0 ? at::randn(s, gen_of(gen), o) : at::rand(s, gen_of(gen), o));
+  })
+}
+FT_API T ft_randint(int64_t low, int64_t high, const int64_t* shape, int ndim, void* gen, int dtype, int devtype, int devindex) {
+  FT_TRY(nullptr, { return wrap(at::randint(low, high, dims(shape, ndim), gen_of(gen), options(dtype, devtype, devindex))); })
+}
+FT_API T ft_randperm(int64_t n, void* gen, int devtype, int devindex) {
+  FT_TRY(nullptr, { return wrap(at::randperm(n, gen_of(gen), options(static_cast<int>(at::kLong), devtype, devindex))); })
+}
+// Copies nbytes of raw little-endian data into a new tensor.
+FT_API T ft_from_data(const void* data, int64_t nbytes, const int64_t* shape, int ndim, int dtype, int devtype, int devindex) {
+  FT_TRY(nullptr, {
+    auto t = at::empty(dims(shape, ndim), at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype)));
+    int64_t need = t.numel() * static_cast<int64_t>(t.element_size());
+    TORCH_CHECK(need == nbytes, "data has ", nbytes, " bytes but shape ", t.sizes(), " of ", t.scalar_type(), " needs ", need);
+    if (nbytes > 0) std::memcpy(t.data_ptr(), data, static_cast<size_t>(nbytes));
+    if (devtype == 1) t = t.to(device_of(devtype, devindex));
+    return wrap(std::move(t));
+  })
+}
+FT_API T ft_scalar(double value, int dtype, int devtype, int devindex) {
+  FT_TRY(nullptr, { return wrap(at::scalar_tensor(value, options(dtype, devtype, devindex))); })
+}
+
+// ---------------------------------------------------------------- info
+FT_API int ft_dim(T t) { return static_cast<int>(t->dim()); }
+FT_API int ft_shape(T t, int64_t* out, int cap) {
+  int n = static_cast<int>(t->dim());
+  auto s = t->sizes();
+  for (int i = 0; i < n && i < cap; ++i) out[i] = s[i];
+  return n;
+}
+FT_API int64_t ft_numel(T t) { return t->numel(); }
+FT_API int ft_dtype(T t) { return static_cast<int>(t->scalar_type()); }
+FT_API int64_t ft_element_size(T t) { return static_cast<int64_t>(t->element_size()); }
+FT_API int ft_device(T t, int* index) {
+  auto d = t->device();
+  *index = d.has_index() ? d.index() : 0;
+  return d.is_cuda() ? 1 : 0;
+}
+FT_API int ft_requires_grad(T t) { return t->requires_grad() ? 1 : 0; }
+FT_API int ft_set_requires_grad(T t, int on) { FT_TRY(-1, { t->set_requires_grad(on != 0); return 0; }) }
+FT_API int ft_is_contiguous(T t) { return t->is_contiguous() ? 1 : 0; }
+FT_API int ft_is_leaf(T t) { return t->is_leaf() ? 1 : 0; }
+// 1 with *out set, 0 when the tensor has no grad, -1 on error.
+FT_API int ft_grad(T t, T* out) {
+  FT_TRY(-1, {
+    const auto& g = t->grad();
+    if (!g.defined()) { *out = nullptr; return 0; }
+    *out = wrap(g);
+    return 1;
+  })
+}
+FT_API int ft_copy_to(T t, void* dst, int64_t nbytes) {
+  FT_TRY(-1, {
+    auto c = t->detach().to(at::kCPU).contiguous();
+    int64_t have = c.numel() * static_cast<int64_t>(c.element_size());
+    TORCH_CHECK(have == nbytes, "buffer of ", nbytes, " bytes for a tensor of ", have, " bytes");
+    if (nbytes > 0) std::memcpy(dst, c.data_ptr(), static_cast<size_t>(nbytes));
+    return 0;
+  })
+}
+FT_API int ft_item_double(T t, double* out) { FT_TRY(-1, { *out = t->item<double>(); return 0; }) }
+FT_API int ft_item_long(T t, int64_t* out) { FT_TRY(-1, { *out = t->item<int64_t>(); return 0; }) }
+FT_API int ft_item_bool(T t, int* out) { FT_TRY(-1, { *out = t->item<bool>() ? 1 : 0; return 0; }) }
+FT_API int ft_allclose(T a, T b, double rtol, double atol, int* out) {
+  FT_TRY(-1, { *out = at::allclose(*a, *b, rtol, atol) ? 1 : 0; return 0; })
+}
+
+// ---------------------------------------------------------------- conversions
+// dtype < 0: keep; devtype < 0: keep.
+FT_API T ft_to(T t, int dtype, int devtype, int devindex, int non_blocking) {
+  FT_TRY(nullptr, {
+    auto st = dtype < 0 ? t->scalar_type() : static_cast<at::ScalarType>(dtype);
+    auto dev = devtype < 0 ? t->device() : device_of(devtype, devindex);
+    return wrap(t->to(dev, st, non_blocking != 0, false));
+  })
+}
+
+// ---------------------------------------------------------------- unary ops
+enum Unary {
+  U_NEG, U_SQRT, U_RSQRT, U_EXP, U_LOG, U_ABS, U_SQUARE, U_SIN, U_COS, U_TANH, U_SIGMOID, U_RELU, U_SILU,
+  U_GELU, U_GELU_TANH, U_LOGICAL_NOT, U_SUM, U_MEAN, U_MAX, U_MIN, U_CLONE, U_DETACH, U_CONTIGUOUS,
+  U_PIN_MEMORY, U_T, U_ZEROS_LIKE, U_ONES_LIKE, U_INVERSE
+};
+FT_API T ft_unary(T a, int op) {
+  FT_TRY(nullptr, {
+    const at::Tensor& x = *a;
+    switch (op) {
+      case U_NEG: return wrap(at::neg(x));
+      case U_SQRT: return wrap(at::sqrt(x));
+      case U_RSQRT: return wrap(at::rsqrt(x));
+      case U_EXP: return wrap(at::exp(x));
+      case U_LOG: return wrap(at::log(x));
+      case U_ABS: return wrap(at::abs(x));
+      case U_SQUARE: return wrap(at::square(x));
+      case U_SIN: return wrap(at::sin(x));
+      case U_COS: return wrap(at::cos(x));
+      case U_TANH: return wrap(at::tanh(x));
+      case U_SIGMOID: return wrap(at::sigmoid(x));
+      case U_RELU: return wrap(at::relu(x));
+      case U_SILU: return wrap(at::silu(x));
+      case U_GELU: return wrap(at::gelu(x, "none"));
+      case U_GELU_TANH: return wrap(at::gelu(x, "tanh"));
+      case U_LOGICAL_NOT: return wrap(at::logical_not(x));
+      case U_SUM: return wrap(at::sum(x));
+      case U_MEAN: return wrap(at::mean(x));
+      case U_MAX: return wrap(at::max(x));
+      case U_MIN: return wrap(at::min(x));
+      case U_CLONE: return wrap(x.clone());
+      case U_DETACH: return wrap(x.detach());
+      case U_CONTIGUOUS: return wrap(x.contiguous());
+      case U_PIN_MEMORY: return wrap(x.pin_memory());
+      case U_T: return wrap(x.t());
+      case U_ZEROS_LIKE: return wrap(at::zeros_like(x));
+      case U_ONES_LIKE: return wrap(at::ones_like(x));
+      case U_INVERSE: return wrap(at::linalg_inv(x));
+      default: TORCH_CHECK(false, "unknown unary op ", op);
+    }
+  })
+}
+
+// ---------------------------------------------------------------- binary ops
+enum Binary { B_ADD, B_SUB, B_MUL, B_DIV, B_MATMUL, B_BMM, B_EQ, B_NE, B_LT, B_LE, B_GT, B_GE, B_SOLVE, B_POW };
+FT_API T ft_binary(T a, T b, int op, double alpha) {
+  FT_TRY(nullptr, {
+    const at::Tensor& x = *a;
+    const at::Tensor& y = *b;
+    switch (op) {
+      case B_ADD: return wrap(alpha == 1.0 ? at::add(x, y) : at::add(x, y, alpha));
+      case B_SUB: return wrap(alpha == 1.0 ? at::sub(x, y) : at::sub(x, y, alpha));
+      case B_MUL: return wrap(at::mul(x, y));
+      case B_DIV: return wrap(at::div(x, y));
+      case B_MATMUL: return wrap(at::matmul(x, y));
+      case B_BMM: return wrap(at::bmm(x, y));
+      case B_EQ: return wrap(at::eq(x, y));
+      case B_NE: return wrap(at::ne(x, y));
+      case B_LT: return wrap(at::lt(x, y));
+      case B_LE: return wrap(at::le(x, y));
+      case B_GT: return wrap(at::gt(x, y));
+      case B_GE: return wrap(at::ge(x, y));
+      case B_SOLVE: return wrap(at::linalg_solve(x, y));
+      case B_POW: return wrap(at::pow(x, y));
+      default: TORCH_CHECK(false, "unknown binary op ", op);
+    }
+  })
+}
+
+enum Scalar { S_ADD, S_SUB, S_MUL, S_DIV, S_POW, S_EQ, S_NE, S_LT, S_LE, S_GT, S_GE, S_RSUB, S_RDIV };
+FT_API T ft_binary_scalar(T a, double s, int op) {
+  FT_TRY(nullptr, {
+    const at::Tensor& x = *a;
+    switch (op) {
+      case S_ADD: return wrap(at::add(x, s));
+      case S_SUB: return wrap(at::sub(x, s));
+      case S_MUL: return wrap(at::mul(x, s));
+      case S_DIV: return wrap(at::div(x, s));
+      case S_POW: return wrap(at::pow(x, s));
+      case S_EQ: return wrap(at::eq(x, s));
+      case S_NE: return wrap(at::ne(x, s));
+      case S_LT: return wrap(at::lt(x, s));
+      case S_LE: return wrap(at::le(x, s));
+      case S_GT: return wrap(at::gt(x, s));
+      case S_GE: return wrap(at::ge(x, s));
+      case S_RSUB: return wrap(at::rsub(x, s));
+      case S_RDIV: return wrap(at::mul(at::reciprocal(x), s));
+      default: TORCH_CHECK(false, "unknown scalar op ", op);
+    }
+  })
+}
+
+FT_API T ft_clamp(T a, double min, int has_min, double max, int has_max) {
+  FT_TRY(nullptr, {
+    c10::optional<at::Scalar> lo, hi;
+    if (has_min) lo = min;
+    if (has_max) hi = max;
+    return wrap(at::clamp(*a, lo, hi));
+  })
+}
+
+// ---------------------------------------------------------------- dim ops
+enum DimOp {
+  D_TRANSPOSE, D_UNSQUEEZE, D_SQUEEZE, D_FLATTEN, D_NARROW, D_SELECT, D_TRIL, D_TRIU, D_ARGMAX, D_SOFTMAX,
+  D_LOG_SOFTMAX, D_SIZE
+};
+FT_API T ft_dimop(T a, int op, int64_t p0, int64_t p1, int64_t p2) {
+  FT_TRY(nullptr, {
+    const at::Tensor& x = *a;
+    switch (op) {
+      case D_TRANSPOSE: return wrap(x.transpose(p0, p1));
+      case D_UNSQUEEZE: return wrap(x.unsqueeze(p0));
+      case D_SQUEEZE: return wrap(x.squeeze(p0));
+      case D_FLATTEN: return wrap(x.flatten(p0, p1));
+      case D_NARROW: return wrap(x.narrow(p0, p1, p2));
+      case D_SELECT: return wrap(x.select(p0, p1));
+      case D_TRIL: return wrap(at::tril(x, p0));
+      case D_TRIU: return wrap(at::triu(x, p0));
+      case D_ARGMAX: return wrap(at::argmax(x, p0, false));
+      case D_SOFTMAX: return wrap(at::softmax(x, p0));
+      case D_LOG_SOFTMAX: return wrap(at::log_softmax(x, p0));
+      default: TORCH_CHECK(false, "unknown dim op ", op);
+    }
+  })
+}
+
+enum ShapeOp { SH_VIEW, SH_RESHAPE, SH_PERMUTE, SH_EXPAND, SH_REPEAT };
+FT_API T ft_shapeop(T a, int op, const int64_t* shape, int n) {
+  FT_TRY(nullptr, {
+    auto s = dims(shape, n);
+    switch (op) {
+      case SH_VIEW: return wrap(a->view(s));
+      case SH_RESHAPE: return wrap(a->reshape(s));
+      case SH_PERMUTE: return wrap(a->permute(s));
+      case SH_EXPAND: return wrap(a->expand(s));
+      case SH_REPEAT: return wrap(a->repeat(s));
+      default: TORCH_CHECK(false, "unknown shape op ", op);
+    }
+  })
+}
+
+// kind 0: chunk(arg chunks), 1: split(arg split size). Returns the number of pieces (<= cap) or -1.
+FT_API int ft_split(T a, int kind, int64_t arg, int64_t dim, T* out, int cap) {
+  FT_TRY(-1, {
+    auto parts = kind == 0 ? a->chunk(arg, dim) : a->split(arg, dim);
+    TORCH_CHECK(static_cast<int>(parts.size()) <= cap, "split produced ", parts.size(), " pieces, expected at most ", cap);
+    for (size_t i = 0; i < parts.size(); ++i) out[i] = wrap(std::move(parts[i]));
+    return static_cast<int>(parts.size());
+  })
+}
+FT_API T ft_cat(T* ts, int n, int64_t dim, int stack) {
+  FT_TRY(nullptr, {
+    auto v = list(ts, n);
+    return wrap(stack ? at::stack(v, dim) : at::cat(v, dim));
+  })
+}
+// op 0: index_select(dim, idx), 1: gather(dim, idx), 2: index_add(dim, idx, src)
+FT_API T ft_index(T a, int op, int64_t dim, T idx, T src) {
+  FT_TRY(nullptr, {
+    switch (op) {
+      case 0: return wrap(at::index_select(*a, dim, *idx));
+      case 1: return wrap(at::gather(*a, dim, *idx));
+      default: return wrap(at::index_add(*a, dim, *idx, *src));
+    }
+  })
+}
+FT_API T ft_pad(T a, const int64_t* pad, int n, double value) {
+  FT_TRY(nullptr, { return wrap(at::constant_pad_nd(*a, dims(pad, n), value)); })
+}
+
+// ---------------------------------------------------------------- reductions
+// op 0: sum, 1: mean, 2: norm(p)
+FT_API T ft_reduce(T a, int op, const int64_t* d, int n, int keepdim, double p) {
+  FT_TRY(nullptr, {
+    auto ds = dims(d, n);
+    switch (op) {
+      case 0: return wrap(at::sum(*a, ds, keepdim != 0));
+      case 1: return wrap(at::mean(*a, ds, keepdim != 0));
+      default:
+        if (n == 0) return wrap(at::norm(*a, p));
+        return wrap(at::norm(*a, p, ds, keepdim != 0));
+    }
+  })
+}
+FT_API int ft_max_dim(T a, int64_t dim, int keepdim, T* values, T* indices) {
+  FT_TRY(-1, {
+    auto r = at::max(*a, dim, keepdim != 0);
+    *values = wrap(std::get<0>(r));
+    *indices = wrap(std::get<1>(r));
+    return 0;
+  })
+}
+FT_API int ft_topk(T a, int64_t k, int64_t dim, int largest, T* values, T* indices) {
+  FT_TRY(-1, {
+    auto r = at::topk(*a, k, dim, largest != 0, true);
+    *values = wrap(std::get<0>(r));
+    *indices = wrap(std::get<1>(r));
+    return 0;
+  })
+}
+FT_API T ft_where(T c, T a, T b) { FT_TRY(nullptr, { return wrap(at::where(*c, *a, *b)); }) }
+FT_API T ft_masked_fill(T a, T mask, double value) { FT_TRY(nullptr, { return wrap(a->masked_fill(*mask, value)); }) }
+
+// ---------------------------------------------------------------- in place
+enum Inplace { I_ZERO, I_FILL, I_COPY, I_ADD, I_MUL, I_UNIFORM, I_NORMAL };
+FT_API int ft_inplace(T a, int op, T other, double s1, double s2, void* gen) {
+  FT_TRY(-1, {
+    at::Tensor& x = *a;
+    switch (op) {
+      case I_ZERO: x.zero_(); break;
+      case I_FILL: x.fill_(s1); break;
+      case I_COPY: x.copy_(*other); break;
+      case I_ADD: x.add_(*other, s1); break;
+      case I_MUL: x.mul_(s1); break;
+      case I_UNIFORM: x.uniform_(s1, s2, gen_of(gen)); break;
+      case I_NORMAL: x.normal_(s1, s2, gen_of(gen)); break;
+      default: TORCH_CHECK(false, "unknown in-place op ", op);
+    }
+    return 0;
+  })
+}
+
+// ---------------------------------------------------------------- autograd
+FT_API int ft_backward(T a, T grad, int retain_graph) {
+  FT_TRY(-1, {
+    at::Tensor g = grad ? *grad : at::Tensor();
+    a->backward(g, retain_graph != 0, false);
+    return 0;
+  })
+}
+
+// ---------------------------------------------------------------- functional
+FT_API T ft_linear(T x, T w, T b) {
+  FT_TRY(nullptr, { return wrap(b ? at::linear(*x, *w, *b) : at::linear(*x, *w)); })
+}
+FT_API T ft_embedding(T w, T ids) { FT_TRY(nullptr, { return wrap(at::embedding(*w, *ids)); }) }
+// reduction: 0 none, 1 mean, 2 sum (at::Reduction codes)
+FT_API T ft_cross_entropy(T logits, T targets, int64_t ignore_index, int reduction) {
+  FT_TRY(nullptr, {
+    return wrap(at::cross_entropy_loss(*logits, *targets, {}, reduction, ignore_index, 0.0));
+  })
+}
+FT_API T ft_sdpa(T q, T k, T v, T mask, int is_causal, double dropout_p) {
+  FT_TRY(nullptr, {
+#if FT_AT_LEAST(2, 0)
+    c10::optional<at::Tensor> m;
+    if (mask) m = *mask;
+    return wrap(at::scaled_dot_product_attention(*q, *k, *v, m, dropout_p, is_causal != 0));
+#else
+    // Same math as 2.x's reference path: softmax(q·kᵀ/√d + mask)·v; a bool mask marks positions to keep.
+    const at::Tensor& Q = *q;
+    const at::Tensor& K = *k;
+    int64_t L = Q.size(-2), S = K.size(-2);
+    double scale = 1.0 / std::sqrt(static_cast<double>(Q.size(-1)));
+    auto scores = at::matmul(Q, K.transpose(-2, -1)) * scale;
+    if (is_causal) {
+      auto keep = at::ones({L, S}, Q.options().dtype(at::kBool)).tril();
+      scores = scores.masked_fill(keep.logical_not(), -std::numeric_limits<double>::infinity());
+    }
+    if (mask) {
+      if (mask->scalar_type() == at::kBool)
+        scores = scores.masked_fill(mask->logical_not(), -std::numeric_limits<double>::infinity());
+      else
+        scores = scores + *mask;
+    }
+    auto attn = at::softmax(scores, -1);
+    if (dropout_p > 0) attn = at::dropout(attn, dropout_p, true);
+    return wrap(at::matmul(attn, *v));
+#endif
+  })
+}
+FT_API T ft_rms_norm(T x, T w, double eps) {
+  FT_TRY(nullptr, {
+    const at::Tensor& X = *x;
+    auto compute = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    auto h = X.to(compute);
+    h = h * at::rsqrt(h.pow(2).mean(-1, true) + eps);
+    return wrap(*w * h.to(X.scalar_type()));
+  })
+}
+FT_API T ft_dropout(T x, double p, int training) {
+  FT_TRY(nullptr, { return wrap(at::dropout(*x, p, training != 0)); })
+}
+
+// ---------------------------------------------------------------- linear algebra
+FT_API int ft_svd(T a, int full, T* u, T* s, T* vh) {
+  FT_TRY(-1, {
+    auto r = at::linalg_svd(*a, full != 0);
+    *u = wrap(std::get<0>(r));
+    *s = wrap(std::get<1>(r));
+    *vh = wrap(std::get<2>(r));
+    return 0;
+  })
+}
+FT_API int ft_qr(T a, int reduced, T* q, T* r) {
+  FT_TRY(-1, {
+    auto res = at::linalg_qr(*a, reduced ? "reduced" : "complete");
+    *q = wrap(std::get<0>(res));
+    *r = wrap(std::get<1>(res));
+    return 0;
+  })
+}
+
+// ---------------------------------------------------------------- optimizers
+// AdamW over one parameter group. State tensors are owned by the caller; parameters without a grad are skipped.
+// `step` is the step number after this update (1 on the first call).
+FT_API int ft_adamw_step(T* params, T* exp_avg, T* exp_avg_sq, int n, double lr, double beta1, double beta2,
+                         double eps, double weight_decay, int64_t step) {
+  FT_TRY(-1, {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> p, g, m, v;
+    for (int i = 0; i < n; ++i) {
+      const auto& grad = params[i]->grad();
+      if (!grad.defined()) continue;
+      p.push_back(*params[i]);
+      g.push_back(grad);
+      m.push_back(*exp_avg[i]);
+      v.push_back(*exp_avg_sq[i]);
+    }
+    if (p.empty()) return 0;
+#if FT_AT_LEAST(2, 1)
+    bool all_cuda = true;
+    for (const auto& t : p) all_cuda = all_cuda && t.is_cuda() && at::isFloatingType(t.scalar_type());
+    if (all_cuda) {
+      // The fused kernel reads the (already incremented) step from a float tensor per parameter.
+      std::vector<at::Tensor> steps;
+      steps.reserve(p.size());
+      for (const auto& t : p) steps.push_back(at::full({}, static_cast<double>(step), t.options().dtype(at::kFloat)));
+      at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps, false, false);
+      return 0;
+    }
+#endif
+    if (weight_decay != 0) at::_foreach_mul_(p, 1.0 - lr * weight_decay);
+    at::_foreach_mul_(m, beta1);
+    at::_foreach_add_(m, g, 1.0 - beta1);
+    at::_foreach_mul_(v, beta2);
+    at::_foreach_addcmul_(v, g, g, 1.0 - beta2);
+    double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+    double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+    auto denom = at::_foreach_sqrt(v);
+    at::_foreach_div_(denom, std::sqrt(bc2));
+    at::_foreach_add_(denom, eps);
+    at::_foreach_addcdiv_(p, m, denom, -lr / bc1);
+    return 0;
+  })
+}
+// SGD with optional momentum (buffers may be null when momentum == 0) and coupled weight decay.
+FT_API int ft_sgd_step(T* params, T* bufs, int n, double lr, double momentum, double weight_decay, int first) {
+  FT_TRY(-1, {
+    at::NoGradGuard no_grad;
+    for (int i = 0; i < n; ++i) {
+      const auto& grad0 = params[i]->grad();
+      if (!grad0.defined()) continue;
+      at::Tensor d = weight_decay != 0 ? grad0 + weight_decay * *params[i] : grad0;
+      if (momentum != 0) {
+        at::Tensor& b = *bufs[i];
+        if (first) b.copy_(d); else b.mul_(momentum).add_(d);
+        d = b;
+      }
+      params[i]->add_(d, -lr);
+    }
+    return 0;
+  })
+}
+FT_API int ft_zero_grad(T* params, int n) {
+  FT_TRY(-1, {
+    for (int i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+    return 0;
+  })
+}
+// Global L2 norm of all grads; scales them by max_norm / (norm + 1e-6) when that is below 1.
+FT_API int ft_clip_grad_norm(T* params, int n, double max_norm, double* total) {
+  FT_TRY(-1, {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> grads;
+    for (int i = 0; i < n; ++i) {
+      const auto& g = params[i]->grad();
+      if (g.defined()) grads.push_back(g);
+    }
+    if (grads.empty()) { *total = 0; return 0; }
+    std::vector<at::Tensor> norms;
+    norms.reserve(grads.size());
+    auto dev = grads[0].device();
+    for (const auto& g : grads) norms.push_back(at::norm(g.scalar_type() == at::kDouble ? g : g.to(at::kFloat), 2).to(dev));
+    auto norm = at::norm(at::stack(norms), 2);
+    double tn = norm.item<double>();
+    *total = tn;
+    double coef = max_norm / (tn + 1e-6);
+    if (coef < 1.0) at::_foreach_mul_(grads, coef);
+    return 0;
+  })
+}
