@@ -12,12 +12,12 @@ public sealed class HfTokenizer : ITokenizer
 {
     private readonly BpeModel _model;
     private readonly AddedTokens _added;
-    private readonly NormalizationForm? _normalization;
+    private readonly Func<string, string>? _normalization;
     private readonly PreTokenizer? _preTokenizer;
     private readonly PostProcessor? _postProcessor;
     private readonly bool _byteLevelDecoder;
 
-    private HfTokenizer(BpeModel model, AddedTokens added, NormalizationForm? normalization, PreTokenizer? preTokenizer,
+    private HfTokenizer(BpeModel model, AddedTokens added, Func<string, string>? normalization, PreTokenizer? preTokenizer,
         PostProcessor? postProcessor, bool byteLevelDecoder, string? bosToken, string? eosToken, string? padToken)
     {
         _model = model;
@@ -107,7 +107,7 @@ public sealed class HfTokenizer : ITokenizer
                 ids.Add(id);
                 continue;
             }
-            var normalized = _normalization is { } form ? raw.Normalize(form) : raw;
+            var normalized = _normalization is { } normalize ? normalize(raw) : raw;
             foreach (var (piece, pieceId) in _added.Split(normalized, normalized: true))
             {
                 if (pieceId is { } id2)
@@ -159,13 +159,21 @@ public sealed class HfTokenizer : ITokenizer
         return Encoding.UTF8.GetString(bytes.ToArray());
     }
 
+    /// <summary>The pieces the normalizer and pre-tokenizer make of <paramref name="text"/> (added tokens are not
+    /// looked for), like tokenizers' <c>pre_tokenize_str</c>; byte-level pieces are in the byte alphabet ('Ġ' = space).</summary>
+    public IReadOnlyList<string> PreTokenize(string text)
+    {
+        text = ReplaceLoneSurrogates(text);
+        return PreTokenizer.Run(_preTokenizer, _normalization is { } normalize ? normalize(text) : text);
+    }
+
     public int? TokenToId(string token) =>
         _added.ByContent(token) is { } added ? added.Id : _model.TryGetId(token, out var id) ? id : null;
 
     /// <summary>The token text of an id (vocab or added token), or null.</summary>
     public string? IdToToken(int id) => _added.ById(id)?.Content ?? _model.IdToToken(id);
 
-    private static NormalizationForm? ReadNormalizer(JsonElement el)
+    private static Func<string, string>? ReadNormalizer(JsonElement el)
     {
         if (el.ValueKind is JsonValueKind.Undefined or JsonValueKind.Null) return null;
         var type = Json.Type(el, "normalizer");
@@ -178,12 +186,10 @@ public sealed class HfTokenizer : ITokenizer
         }
         return type switch
         {
-            "NFC" => NormalizationForm.FormC,
-            "NFD" => NormalizationForm.FormD,
-            "NFKC" => NormalizationForm.FormKC,
-            "NFKD" => NormalizationForm.FormKD,
+            "NFC" => UnicodeNormalizer.Nfc,
+            "NFD" => UnicodeNormalizer.Nfd,
             _ => throw new TokenizerException(
-                $"tokenizer.json: the normalizer \"{type}\" is not supported (supported: none, NFC, NFD, NFKC, NFKD" +
+                $"tokenizer.json: the normalizer \"{type}\" is not supported (supported: none, NFC, NFD" +
                 (type is "Precompiled" or "Prepend" or "Replace" ? "; SentencePiece-style tokenizers are not supported yet)" : ")")),
         };
     }
@@ -223,7 +229,7 @@ internal sealed class AddedTokens
 
     public int MaxId => _byId.Count == 0 ? -1 : _byId.Keys.Max();
 
-    public static AddedTokens FromJson(JsonElement el, NormalizationForm? normalization)
+    public static AddedTokens FromJson(JsonElement el, Func<string, string>? normalization)
     {
         var result = new AddedTokens();
         if (el.ValueKind is JsonValueKind.Undefined or JsonValueKind.Null) return result;
@@ -241,7 +247,7 @@ internal sealed class AddedTokens
             if (special) result._special.Add(content);
             // Normalized tokens are matched on normalized text, so their own text is normalized the same way.
             var (table, text) = token.Normalized
-                ? (result._normalized, normalization is { } f ? content.Normalize(f) : content)
+                ? (result._normalized, normalization is { } normalize ? normalize(content) : content)
                 : (result._raw, content);
             if (text.Length == 0) continue;
             if (!table.TryGetValue(text[0], out var list)) table[text[0]] = list = [];
