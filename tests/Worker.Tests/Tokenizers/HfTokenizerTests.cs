@@ -207,6 +207,11 @@ public sealed class HfTokenizerTests
         var t = BytesOnly(new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = true, ["use_regex"] = true });
         Assert.Equal([" Hi", " there"], Readable(t.PreTokenize("Hi there")));
         Assert.Equal([" Hi"], Readable(t.PreTokenize(" Hi")));
+        Assert.Empty(t.Encode(""));
+        // The prefix space is added to each piece between added tokens, as tokenizers splits there first.
+        var withAdded = HandBuilt();
+        withAdded["pre_tokenizer"]!["add_prefix_space"] = true;
+        Assert.Equal([32, 259, 300, 32, 256], Load(withAdded).Encode("hello<|eot|>he"));
         var noRegex = BytesOnly(new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = false, ["use_regex"] = false });
         Assert.Equal(["a b  c"], Readable(noRegex.PreTokenize("a b  c")));
     }

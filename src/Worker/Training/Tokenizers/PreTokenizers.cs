@@ -38,7 +38,9 @@ internal abstract class PreTokenizer
 
     public static List<string> Run(PreTokenizer? p, string text)
     {
-        if (p is null) return text.Length == 0 ? [] : [text];
+        // tokenizers drops empty splits before pre-tokenizing, so "" never becomes a prefix space.
+        if (text.Length == 0) return [];
+        if (p is null) return [text];
         var output = new List<string>();
         p.Split(text, output);
         output.RemoveAll(s => s.Length == 0);
