@@ -66,7 +66,7 @@ public sealed class TrainerTests
         Assert.Equal([10L, 20, 30, 40], recorder.Metrics.Select(m => m.Step));
         var first = recorder.Metrics[0].Loss;
         Assert.InRange(first, 0.5, 6.5);
-        Assert.True(result.FinalLoss < first - 1.0, $"loss went from {first} to {result.FinalLoss}");
+        Assert.True(result.FinalLoss < first - 0.3, $"loss went from {first} to {result.FinalLoss}");
         Assert.True(result.FinalValidationLoss < recorder.Metrics[0].ValidationLoss, "validation loss did not fall");
         Assert.All(recorder.Metrics, m => Assert.True(m.TokensPerSecond > 0));
         Assert.True(result.TokensSeen > 40 * 8 * 20);
