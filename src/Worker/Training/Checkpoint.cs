@@ -54,7 +54,9 @@ public static class Checkpoint
             ["method"] = JsonSerializer.Serialize(method.Spec, Json),
             ["hyperparameters"] = JsonSerializer.Serialize(hyper, Json),
         };
-        Safetensors.Save(path, tensors, meta);
+        try { Safetensors.Save(path, tensors, meta); }
+        // The optimizer's state tensors are its own; only the step scalar is made for us.
+        finally { if (optimState.TryGetValue("step", out var stepTensor)) stepTensor.Dispose(); }
         return path;
     }
 

@@ -55,6 +55,7 @@ public sealed class Trainer
 
         var data = TrainingData.Build(spec.Train, spec.Tokenizer, hyper.MaxSeqLength, hyper.BatchSize, hyper.Seed);
         var validation = spec.Validation is { Count: > 0 } v ? TrainingData.Encode(v, spec.Tokenizer, hyper.MaxSeqLength, out _) : null;
+        if (validation is { Count: 0 }) validation = null;
         // bf16/fp16 matmuls on the CPU are slow or missing in libtorch 1.13; the CPU computes in fp32.
         var dtype = spec.Device.Kind == DeviceKind.Cpu ? ScalarType.Float32 : spec.ComputeDType;
 

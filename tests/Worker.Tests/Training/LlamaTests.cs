@@ -112,3 +112,26 @@ public sealed class LlamaTests
         Assert.Contains("yarn", bad.Message);
     }
 }
+
+public sealed class RotaryTests
+{
+    [Fact]
+    public void Apply_uses_hf_rotate_half_convention()
+    {
+        var config = new ModelConfig { HiddenSize = 8, NumAttentionHeads = 1, RopeTheta = 100 };   // head dim 8
+        var rotary = new Rotary(config);
+        var inv = Rotary.InverseFrequencies(config);
+        using var scope = DisposeScope.Begin();
+        var (cos, sin) = rotary.Tables(3, Device.Cpu, ScalarType.Float32);
+        var xs = Enumerable.Range(0, 3 * 8).Select(i => (float)Math.Cos(i * 0.7)).ToArray();
+        var y = Rotary.Apply(Tensor.From(xs, 1, 1, 3, 8), cos, sin).ToArray<float>();
+        for (var p = 0; p < 3; p++)
+            for (var j = 0; j < 8; j++)
+            {
+                var angle = p * (double)inv[j % 4];
+                var x = xs[p * 8 + j];
+                var partner = j < 4 ? -xs[p * 8 + j + 4] : xs[p * 8 + j - 4];
+                Assert.True(Math.Abs(x * Math.Cos(angle) + partner * Math.Sin(angle) - y[p * 8 + j]) < 1e-5, $"p={p} j={j}");
+            }
+    }
+}
