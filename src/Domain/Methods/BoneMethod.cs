@@ -1,3 +1,4 @@
+using System.Text.Json.Serialization;
 using System.ComponentModel;
 using FineTune.Domain.Models;
 
@@ -9,7 +10,7 @@ namespace FineTune.Domain.Methods;
 /// </summary>
 public sealed record BoneMethod : MethodSpec
 {
-    public override string Type => "bone";
+    [JsonIgnore] public override string Type => "bone";
     /// <summary>Block size r (the paper's b).</summary>
     [DefaultValue(64)] public int R { get; init; } = 64;
 

@@ -1,3 +1,4 @@
+using System.Text.Json.Serialization;
 using System.ComponentModel;
 using FineTune.Domain.Models;
 
@@ -6,7 +7,7 @@ namespace FineTune.Domain.Methods;
 /// <summary>LoRA: Δy = s·(x Aᵀ) Bᵀ with A (r, in) and B (out, r); s = alpha/r (rsLoRA: alpha/√r).</summary>
 public sealed record LoraMethod : MethodSpec
 {
-    public override string Type => "lora";
+    [JsonIgnore] public override string Type => "lora";
     /// <summary>Rank.</summary>
     [DefaultValue(8)] public int R { get; init; } = 8;
     /// <summary>Scaling numerator: s = alpha / r.</summary>

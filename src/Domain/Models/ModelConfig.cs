@@ -28,6 +28,7 @@ public sealed record ModelConfig
     [JsonPropertyName("bos_token_id")] public int? BosTokenId { get; init; }
     [JsonPropertyName("eos_token_id")] public JsonElement? EosTokenId { get; init; }
     [JsonPropertyName("pad_token_id")] public int? PadTokenId { get; init; }
+    [JsonPropertyName("rope_scaling")] public RopeScaling? RopeScaling { get; init; }
 
     [JsonIgnore] public int KvHeads => NumKeyValueHeads ?? NumAttentionHeads;
     [JsonIgnore] public int HeadDim => HeadDimOverride ?? HiddenSize / NumAttentionHeads;
@@ -60,6 +61,15 @@ public sealed record ModelConfig
             yield return "hidden_size must be a multiple of num_attention_heads";
         if (KvHeads <= 0 || NumAttentionHeads % KvHeads != 0)
             yield return "num_attention_heads must be a multiple of num_key_value_heads";
+        if (RopeScaling is { } rs)
+        {
+            if (!RopeScaling.SupportedKinds.Contains(rs.Kind))
+                yield return $"unsupported rope_scaling type '{rs.Kind}'; supported: {string.Join(", ", RopeScaling.SupportedKinds)}";
+            else if (rs.Kind != "default" && !(rs.Factor > 0))
+                yield return "rope_scaling.factor must be positive";
+            else if (rs.Kind == "llama3" && !(rs.HighFreqFactor > rs.LowFreqFactor))
+                yield return "rope_scaling.high_freq_factor must exceed low_freq_factor";
+        }
     }
 
     /// <summary>The linear modules of one decoder layer, with HF names and (out, in) shapes: what adapters target.</summary>
@@ -79,6 +89,21 @@ public sealed record ModelConfig
         name is "gate_proj" or "up_proj" or "down_proj"
             ? $"model.layers.{layer}.mlp.{name}"
             : $"model.layers.{layer}.self_attn.{name}";
+}
+
+/// <summary>HF <c>rope_scaling</c>: "linear" divides positions by the factor; "llama3" rescales the low frequencies.</summary>
+public sealed record RopeScaling
+{
+    [JsonPropertyName("rope_type")] public string? RopeType { get; init; }
+    /// <summary>Older configs spell the kind <c>type</c>.</summary>
+    [JsonPropertyName("type")] public string? Type { get; init; }
+    [JsonPropertyName("factor")] public double Factor { get; init; } = 1.0;
+    [JsonPropertyName("low_freq_factor")] public double LowFreqFactor { get; init; } = 1.0;
+    [JsonPropertyName("high_freq_factor")] public double HighFreqFactor { get; init; } = 4.0;
+    [JsonPropertyName("original_max_position_embeddings")] public int? OriginalMaxPositionEmbeddings { get; init; }
+
+    [JsonIgnore] public string Kind => RopeType ?? Type ?? "default";
+    public static readonly string[] SupportedKinds = ["default", "linear", "llama3"];
 }
 
 /// <summary>A linear module as adapters see it: HF short name, weight shape (Out, In).</summary>

@@ -1,0 +1,234 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using FineTune.Domain.Jobs;
+using FineTune.Domain.Methods;
+using FineTune.Domain.Models;
+using FineTune.Worker.Torch;
+using FineTune.Worker.Torch.Optim;
+using FineTune.Worker.Training.Model;
+
+namespace FineTune.Worker.Training.Methods;
+
+/// <summary>
+/// An adapter method attached to a model (PEFT "tuner" style): it owns one <see cref="IAdapterLayer"/> per targeted
+/// linear module and knows the method's PEFT names and file format. Created by <see cref="AdapterMethods.Attach"/>.
+/// </summary>
+public interface IAdapterMethod : IDisposable
+{
+    MethodSpec Spec { get; }
+    /// <summary>Adapter layers by HF module path (model.layers.N.self_attn.q_proj).</summary>
+    IReadOnlyDictionary<string, IAdapterLayer> Layers { get; }
+    /// <summary>Trainable tensors with their PEFT names (base_model.model.&lt;path&gt;.&lt;suffix&gt;), in a fixed order.</summary>
+    IReadOnlyList<(string Name, Tensor Tensor)> TrainableTensors { get; }
+    /// <summary>Optimizer parameter groups (one per distinct learning rate / decay).</summary>
+    IReadOnlyList<ParamGroup> ParamGroups(Hyperparameters hyper);
+    long TrainableParameterCount { get; }
+    /// <summary>ΔW (out, in) in fp32 for one module: the change this adapter makes to W.</summary>
+    Tensor DeltaWeight(string modulePath);
+    /// <summary>W ← W + ΔW on every adapted module; forward then skips the adapter path.</summary>
+    void Merge();
+    /// <summary>W ← W − ΔW: undoes <see cref="Merge"/>.</summary>
+    void Unmerge();
+    bool Merged { get; }
+    /// <summary>Dropout on (training) or off (evaluation).</summary>
+    void Train(bool on = true);
+    /// <summary>Copies trainable values in by PEFT name; every trainable tensor must be present with its shape.</summary>
+    void LoadTrainable(IReadOnlyDictionary<string, Tensor> tensors);
+    /// <summary>Writes the native PEFT form (adapter_model.safetensors + adapter_config.json) and any portable
+    /// exports (e.g. <c>lora/</c>) into <paramref name="dir"/>; returns the files written, relative to it.</summary>
+    IReadOnlyList<string> Save(string dir, string baseModelName);
+    /// <summary>Loads adapter_model.safetensors from a folder written by <see cref="Save"/>.</summary>
+    void Load(string dir);
+}
+
+/// <summary>One adapter on one linear module.</summary>
+public interface IAdapterLayer : ILinearAdapter, IDisposable
+{
+    Linear Base { get; }
+    /// <summary>Trainable tensors by PEFT suffix (lora_A.weight, miss_block, …).</summary>
+    IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors { get; }
+    Tensor DeltaWeight();
+    bool Merged { get; set; }
+    bool Training { get; set; }
+}
+
+/// <summary>The methods the worker can train, keyed by their <see cref="MethodSpec"/> type.</summary>
+public static class AdapterMethods
+{
+    private static readonly Dictionary<Type, Func<MethodSpec, IAdapterMethod>> Factories = new()
+    {
+        [typeof(LoraMethod)] = s => new Lora.LoraAdapter((LoraMethod)s),
+        [typeof(BoneMethod)] = s => new Bone.BoneAdapter((BoneMethod)s),
+    };
+
+    public static bool IsSupported(MethodSpec spec) => Factories.ContainsKey(spec.GetType());
+
+    /// <summary>Injects the method's layers into the targeted linears of every decoder layer; init drawn from <paramref name="seed"/>.</summary>
+    public static IAdapterMethod Attach(MethodSpec spec, Llama model, long seed)
+    {
+        if (!Factories.TryGetValue(spec.GetType(), out var factory))
+            throw new NotSupportedException($"method '{spec.Type}' is not supported by this worker");
+        var errors = spec.Validate().Concat(spec.ValidateShapes(model.Config.LayerLinears())).ToList();
+        if (errors.Count > 0)
+            throw new ArgumentException(string.Join("; ", errors.Select(e => $"{e.Field}: {e.Error}")));
+        var method = (AdapterMethodBase)factory(spec);
+        try { method.Attach(model, seed); }
+        catch { method.Dispose(); throw; }
+        return method;
+    }
+}
+
+/// <summary>What all methods share: attach, naming, merge, save/load. A method adds its layer and its config JSON.</summary>
+public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
+{
+    public const string Prefix = "base_model.model.";
+    private readonly Dictionary<string, IAdapterLayer> _layers = [];
+    private readonly List<(string, Tensor)> _trainable = [];
+
+    public MethodSpec Spec { get; } = spec;
+    public IReadOnlyDictionary<string, IAdapterLayer> Layers => _layers;
+    public IReadOnlyList<(string Name, Tensor Tensor)> TrainableTensors => _trainable;
+    public long TrainableParameterCount => _trainable.Sum(t => t.Item2.NumEl);
+    public bool Merged { get; private set; }
+
+    protected abstract IAdapterLayer CreateLayer(Linear linear, Generator gen);
+    /// <summary>adapter_config.json of the native form.</summary>
+    protected abstract JsonObject AdapterConfig(string baseModelName);
+    /// <summary>Extra portable forms (e.g. a LoRA export); returns files written, relative to <paramref name="dir"/>.</summary>
+    protected virtual IReadOnlyList<string> SaveExports(string dir, string baseModelName) => [];
+
+    internal void Attach(Llama model, long seed)
+    {
+        // Adapter init is drawn on the CPU from the job's seed, so it is the same on every device.
+        using var gen = new Generator(seed);
+        for (var l = 0; l < model.Config.NumHiddenLayers; l++)
+            foreach (var name in MethodSpec.AllModules.Where(Spec.TargetModules.Contains))
+            {
+                var path = ModelConfig.ModulePath(l, name);
+                var linear = model.LinearAt(path);
+                if (linear.Adapter is not null) throw new InvalidOperationException($"module '{path}' already has an adapter");
+                var layer = CreateLayer(linear, gen);
+                _layers[path] = layer;
+                linear.Adapter = layer;
+                foreach (var (suffix, t) in layer.Tensors) _trainable.Add(($"{Prefix}{path}.{suffix}", t));
+            }
+    }
+
+    public virtual IReadOnlyList<ParamGroup> ParamGroups(Hyperparameters hyper) =>
+        [new ParamGroup("adapter", _trainable.Select(t => t.Item2).ToList(), hyper.LearningRate, hyper.WeightDecay)];
+
+    public Tensor DeltaWeight(string modulePath) =>
+        _layers.TryGetValue(modulePath, out var layer) ? layer.DeltaWeight()
+            : throw new ArgumentException($"module '{modulePath}' has no adapter");
+
+    public void Merge()
+    {
+        if (Merged) return;
+        ApplyDelta(+1);
+        Merged = true;
+    }
+
+    public void Unmerge()
+    {
+        if (!Merged) return;
+        ApplyDelta(-1);
+        Merged = false;
+    }
+
+    private void ApplyDelta(double sign)
+    {
+        using var noGrad = Torch.Torch.NoGrad();
+        foreach (var layer in _layers.Values)
+        {
+            using var scope = DisposeScope.Begin();
+            var w = layer.Base.Weight;
+            // In fp32, then cast back once, so a bf16 base loses as little as possible.
+            w.Copy_(w.To(ScalarType.Float32).Add(layer.DeltaWeight(), sign).To(w.DType));
+            layer.Merged = sign > 0;
+        }
+    }
+
+    public void Train(bool on = true)
+    {
+        foreach (var layer in _layers.Values) layer.Training = on;
+    }
+
+    public void LoadTrainable(IReadOnlyDictionary<string, Tensor> tensors)
+    {
+        var missing = _trainable.Where(t => !tensors.ContainsKey(t.Item1)).Select(t => t.Item1).ToList();
+        if (missing.Count > 0)
+            throw new InvalidDataException($"adapter tensors missing: {string.Join(", ", missing.Take(5))}" +
+                                           (missing.Count > 5 ? $" (+{missing.Count - 5} more)" : ""));
+        using var noGrad = Torch.Torch.NoGrad();
+        foreach (var (name, t) in _trainable)
+        {
+            var src = tensors[name];
+            if (!src.Shape.SequenceEqual(t.Shape))
+                throw new InvalidDataException(
+                    $"adapter tensor '{name}' has shape ({string.Join(", ", src.Shape)}), expected ({string.Join(", ", t.Shape)})");
+            using var scope = DisposeScope.Begin();
+            t.Copy_(src.To(t.Device, t.DType));
+        }
+    }
+
+    public IReadOnlyList<string> Save(string dir, string baseModelName)
+    {
+        Directory.CreateDirectory(dir);
+        var tensors = _trainable.ToDictionary(t => t.Item1, t => t.Item2);
+        Safetensors.Save(Path.Combine(dir, AdapterFiles.Weights), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        AdapterFiles.WriteJson(Path.Combine(dir, AdapterFiles.Config), AdapterConfig(baseModelName));
+        return [AdapterFiles.Weights, AdapterFiles.Config, .. SaveExports(dir, baseModelName)];
+    }
+
+    public void Load(string dir)
+    {
+        var device = _trainable.Count > 0 ? _trainable[0].Item2.Device : Device.Cpu;
+        var tensors = Safetensors.Load(Path.Combine(dir, AdapterFiles.Weights), device);
+        try { LoadTrainable(tensors); }
+        finally { foreach (var t in tensors.Values) t.Dispose(); }
+    }
+
+    /// <summary>The PEFT target_modules list, in HF module order.</summary>
+    protected string[] TargetModules => MethodSpec.AllModules.Where(Spec.TargetModules.Contains).ToArray();
+
+    public void Dispose()
+    {
+        foreach (var layer in _layers.Values)
+        {
+            if (ReferenceEquals(layer.Base.Adapter, layer)) layer.Base.Adapter = null;
+            layer.Dispose();
+        }
+        _layers.Clear();
+        _trainable.Clear();
+        GC.SuppressFinalize(this);
+    }
+}
+
+public static class AdapterFiles
+{
+    public const string Weights = "adapter_model.safetensors";
+    public const string Config = "adapter_config.json";
+
+    /// <summary>Writes JSON to a temporary name and renames it into place.</summary>
+    public static void WriteJson(string path, JsonNode node)
+    {
+        var tmp = path + ".tmp";
+        File.WriteAllText(tmp, node.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        File.Move(tmp, path, overwrite: true);
+    }
+
+    /// <summary>adapter_config.json fields PEFT expects of every adapter type.</summary>
+    public static JsonObject CommonConfig(string peftType, string baseModelName, string[] targetModules) => new()
+    {
+        ["peft_type"] = peftType,
+        ["task_type"] = "CAUSAL_LM",
+        ["base_model_name_or_path"] = baseModelName,
+        ["revision"] = null,
+        ["inference_mode"] = true,
+        ["target_modules"] = new JsonArray(targetModules.Select(m => (JsonNode)m).ToArray()),
+        ["bias"] = "none",
+        ["modules_to_save"] = null,
+        ["layers_to_transform"] = null,
+        ["layers_pattern"] = null,
+    };
+}

@@ -1,0 +1,272 @@
+using System.Diagnostics;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using FineTune.Domain.Datasets;
+using FineTune.Domain.Jobs;
+using FineTune.Domain.Methods;
+using FineTune.Worker.Torch;
+using FineTune.Worker.Torch.Optim;
+using FineTune.Worker.Training.Data;
+using FineTune.Worker.Training.Methods;
+using FineTune.Worker.Training.Model;
+using FineTune.Worker.Training.Tokenizers;
+
+namespace FineTune.Worker.Training;
+
+/// <summary>Everything one training run needs. <paramref name="ResumeFrom"/>: a checkpoint file written by an earlier
+/// attempt of the same job. <paramref name="DatasetSha256"/> is recorded in metadata.json and checked on resume.</summary>
+public sealed record TrainingSpec(string ModelDir, ITokenizer Tokenizer, IReadOnlyList<DatasetExample> Train,
+    IReadOnlyList<DatasetExample>? Validation, MethodSpec Method, Hyperparameters Hyper, Device Device, ScalarType ComputeDType,
+    string CheckpointDir, string? ResumeFrom, string OutputDir, int LogEvery = 10, int CheckpointEvery = 50,
+    string BaseModelName = "", string? DatasetSha256 = null);
+
+public sealed record TrainingMetrics(long Step, long TotalSteps, double Loss, double LearningRate, double TokensPerSecond,
+    double ElapsedSeconds, double? ValidationLoss);
+
+/// <summary>How the loop reports to the job runner. Any call may throw to stop the run.</summary>
+public interface ITrainingReporter
+{
+    ValueTask OnStartedAsync(long totalSteps, long resumedFromStep, CancellationToken ct);
+    ValueTask OnMetricsAsync(TrainingMetrics metrics, CancellationToken ct);
+    /// <summary>The runner's fencing check (is this worker still the job's owner?); throws to abort.</summary>
+    ValueTask BeforeCheckpointAsync(long step, CancellationToken ct);
+    ValueTask OnCheckpointAsync(long step, string path, string sha256, long sizeBytes, CancellationToken ct);
+}
+
+public sealed record TrainingResult(long Steps, double FinalLoss, double? FinalValidationLoss, long TokensSeen,
+    string OutputDir, IReadOnlyList<string> Files);
+
+/// <summary>
+/// The training loop: AdamW over the method's parameter groups, warm-up + schedule, gradient accumulation with the loss
+/// normalised over all label tokens of the step, global-norm clipping, checkpoints, cancellation. The loss stays on
+/// the device and is read back only when metrics are logged, so the GPU never waits for the host between steps.
+/// Scopes and no-grad sections never span an await (both are thread-local).
+/// </summary>
+public sealed class Trainer
+{
+    public const string MetadataFile = "metadata.json";
+
+    public async Task<TrainingResult> RunAsync(TrainingSpec spec, ITrainingReporter reporter, CancellationToken ct)
+    {
+        var clock = Stopwatch.StartNew();
+        var hyper = spec.Hyper;
+        Validate(spec);
+        ct.ThrowIfCancellationRequested();
+
+        var data = TrainingData.Build(spec.Train, spec.Tokenizer, hyper.MaxSeqLength, hyper.BatchSize, hyper.Seed);
+        var validation = spec.Validation is { Count: > 0 } v ? TrainingData.Encode(v, spec.Tokenizer, hyper.MaxSeqLength, out _) : null;
+        if (validation is { Count: 0 }) validation = null;
+        // bf16/fp16 matmuls on the CPU are slow or missing in libtorch 1.13; the CPU computes in fp32.
+        var dtype = spec.Device.Kind == DeviceKind.Cpu ? ScalarType.Float32 : spec.ComputeDType;
+
+        Torch.Torch.ManualSeed(hyper.Seed);
+        using var model = Llama.Load(spec.ModelDir, spec.Device, dtype);
+        CheckVocabulary(data.Examples.Concat(validation ?? []), model.Config.VocabSize);
+        using var method = AdapterMethods.Attach(spec.Method, model, hyper.Seed);
+        using var optimizer = new AdamW(method.ParamGroups(hyper));
+        var parameters = method.TrainableTensors.Select(t => t.Tensor).ToList();
+        var totalSteps = TotalSteps(hyper, data.Count);
+
+        var state = new LoopState(0, new DataPosition(0, 0), 0, 0, 0);
+        if (spec.ResumeFrom is { } resume)
+            state = Checkpoint.Restore(resume, method, optimizer, hyper, data.Count);
+        var resumedFrom = state.Step;
+        await reporter.OnStartedAsync(totalSteps, resumedFrom, ct);
+
+        using var lossWindow = Keep(Tensor.Full([], state.LossWindowSum, ScalarType.Float32, spec.Device));
+        var (step, position, tokensSeen, windowSteps) = (state.Step, state.Position, state.TokensSeen, state.LossWindowSteps);
+        var windowClock = Stopwatch.StartNew();
+        long windowTokens = 0;
+        double lastLoss = double.NaN;
+        double? lastValidation = null;
+
+        while (step < totalSteps)
+        {
+            ct.ThrowIfCancellationRequested();
+            var factor = LrSchedule.Factor(hyper.Scheduler, step, totalSteps, hyper.WarmupSteps);
+            optimizer.SetLearningRateFactor(factor);
+            var stepTokens = TrainStep(model, data, ref position, hyper, step, parameters, optimizer, lossWindow);
+            step++;
+            windowSteps++;
+            tokensSeen += stepTokens;
+            windowTokens += stepTokens;
+
+            if (step % spec.LogEvery == 0 || step == totalSteps)
+            {
+                lastLoss = lossWindow.ItemDouble() / windowSteps;     // the one host sync per log interval
+                lossWindow.Zero_();
+                windowSteps = 0;
+                lastValidation = validation is null ? null : ValidationLoss(model, method, validation, hyper.BatchSize, spec.Tokenizer.PadId);
+                var seconds = windowClock.Elapsed.TotalSeconds;
+                await reporter.OnMetricsAsync(new TrainingMetrics(step, totalSteps, lastLoss, hyper.LearningRate * factor,
+                    seconds > 0 ? windowTokens / seconds : 0, clock.Elapsed.TotalSeconds, lastValidation), ct);
+                windowTokens = 0;
+                windowClock.Restart();
+            }
+
+            if (step % spec.CheckpointEvery == 0 && step < totalSteps)
+            {
+                await reporter.BeforeCheckpointAsync(step, ct);
+                var loopState = new LoopState(step, position, tokensSeen, lossWindow.ItemDouble(), windowSteps);
+                var path = Checkpoint.Write(spec.CheckpointDir, loopState, method, optimizer, hyper.Seed, hyper, data.Count);
+                var (sha, size) = Checkpoint.Hash(path);
+                await reporter.OnCheckpointAsync(step, path, sha, size, ct);
+            }
+        }
+
+        ct.ThrowIfCancellationRequested();
+        var files = WriteOutput(spec, method, data, step, tokensSeen, lastLoss, lastValidation);
+        return new TrainingResult(step, lastLoss, lastValidation, tokensSeen, spec.OutputDir, files);
+    }
+
+    /// <summary>One optimizer step over <c>GradientAccumulationSteps</c> micro-batches; returns the tokens it read.</summary>
+    private static long TrainStep(Llama model, TrainingData data, ref DataPosition position, Hyperparameters hyper, long step,
+                                  IReadOnlyList<Tensor> parameters, AdamW optimizer, Tensor lossWindow)
+    {
+        // Dropout draws from libtorch's global generator: reseeding per step makes a resumed run draw the same masks.
+        Torch.Torch.ManualSeed(StepSeed(hyper.Seed, step));
+        var batches = new HostBatch[hyper.GradientAccumulationSteps];
+        for (var i = 0; i < batches.Length; i++) batches[i] = data.NextBatch(ref position);
+        // Normalise by all label tokens of the step, so every token weighs the same whatever micro-batch it is in.
+        double lossTokens = Math.Max(1, batches.Sum(b => b.LossTokens));
+        var device = model.Device;
+        foreach (var b in batches)
+        {
+            using var scope = DisposeScope.Begin();
+            var ids = Tensor.From(b.Ids, b.Rows, b.Length).To(device);
+            var labels = Tensor.From(b.Labels, b.Rows, b.Length).To(device);
+            var loss = model.Loss(ids, labels, "sum") / lossTokens;
+            loss.Backward();
+            lossWindow.Add_(loss.Detach());
+        }
+        if (hyper.MaxGradNorm > 0) ClipGradNorm(parameters, hyper.MaxGradNorm);
+        optimizer.Step();
+        optimizer.ZeroGrad();
+        return batches.Sum(b => b.Tokens);
+    }
+
+    /// <summary>
+    /// Scales gradients so their global L2 norm is at most <paramref name="maxNorm"/>, entirely on the device
+    /// (torch's clip_grad_norm_ math: coef = min(1, maxNorm / (norm + 1e-6))). The binding's GradClip returns the norm
+    /// as a double, which would force a host sync every step.
+    /// </summary>
+    public static void ClipGradNorm(IReadOnlyList<Tensor> parameters, double maxNorm)
+    {
+        using var scope = DisposeScope.Begin();
+        using var noGrad = Torch.Torch.NoGrad();
+        var grads = parameters.Select(p => p.Grad).OfType<Tensor>().ToList();
+        if (grads.Count == 0) return;
+        Tensor? total = null;
+        foreach (var g in grads)
+        {
+            var sq = g.To(ScalarType.Float32).Square().Sum();
+            total = total is null ? sq : total + sq;
+        }
+        var coef = (maxNorm / (total!.Sqrt() + 1e-6)).Clamp(null, 1.0);
+        foreach (var g in grads) g.Copy_(g * coef.To(g.DType));
+    }
+
+    /// <summary>Mean next-token loss over the validation examples (fixed order, dropout off).</summary>
+    public static double ValidationLoss(Llama model, IAdapterMethod method, IReadOnlyList<EncodedExample> examples, int batchSize, int padId)
+    {
+        method.Train(false);
+        try
+        {
+            using var noGrad = Torch.Torch.NoGrad();
+            using var total = Keep(Tensor.Zeros([], ScalarType.Float32, model.Device));
+            long tokens = 0;
+            for (var i = 0; i < examples.Count; i += batchSize)
+            {
+                using var scope = DisposeScope.Begin();
+                var b = TrainingData.Collate(examples.Skip(i).Take(batchSize).ToList(), padId);
+                var ids = Tensor.From(b.Ids, b.Rows, b.Length).To(model.Device);
+                var labels = Tensor.From(b.Labels, b.Rows, b.Length).To(model.Device);
+                total.Add_(model.Loss(ids, labels, "sum"));
+                tokens += b.LossTokens;
+            }
+            return tokens == 0 ? double.NaN : total.ItemDouble() / tokens;
+        }
+        finally { method.Train(true); }
+    }
+
+    public static long TotalSteps(Hyperparameters hyper, int examples) =>
+        hyper.MaxSteps ?? Math.Max(1, (long)Math.Ceiling((double)hyper.Epochs * examples / ((long)hyper.BatchSize * hyper.GradientAccumulationSteps)));
+
+    /// <summary>A libtorch seed per (job seed, step): SplitMix64 of both, kept non-negative.</summary>
+    public static long StepSeed(long seed, long step)
+    {
+        var s = (ulong)seed ^ ((ulong)step * 0xD1B54A32D192ED03UL);
+        return (long)(TrainingData.SplitMix64(ref s) >> 1);
+    }
+
+    private static void Validate(TrainingSpec spec)
+    {
+        var errors = spec.Hyper.Validate().Concat(spec.Method.Validate()).Select(e => $"{e.Field}: {e.Error}").ToList();
+        if (spec.LogEvery < 1) errors.Add("logEvery must be positive");
+        if (spec.CheckpointEvery < 1) errors.Add("checkpointEvery must be positive");
+        if (spec.Train.Count == 0) errors.Add("the training set is empty");
+        if (!AdapterMethods.IsSupported(spec.Method)) errors.Add($"method '{spec.Method.Type}' is not supported by this worker");
+        if (errors.Count > 0) throw new ArgumentException(string.Join("; ", errors));
+    }
+
+    private static void CheckVocabulary(IEnumerable<EncodedExample> examples, int vocabSize)
+    {
+        foreach (var e in examples)
+            if (e.Ids.Any(id => id < 0 || id >= vocabSize))
+                throw new DatasetEncodingException(e.Line, $"token id {e.Ids.First(id => id < 0 || id >= vocabSize)} is outside the model's vocabulary ({vocabSize}); tokenizer and model do not match");
+    }
+
+    private static IReadOnlyList<string> WriteOutput(TrainingSpec spec, IAdapterMethod method, TrainingData data, long steps,
+                                                     long tokensSeen, double finalLoss, double? finalValidation)
+    {
+        Directory.CreateDirectory(spec.OutputDir);
+        var files = method.Save(spec.OutputDir, spec.BaseModelName).ToList();
+        var json = Checkpoint.Json;
+        var metadata = new JsonObject
+        {
+            ["format_version"] = 1,
+            ["method"] = JsonSerializer.SerializeToNode(spec.Method, json),
+            ["hyperparameters"] = JsonSerializer.SerializeToNode(spec.Hyper, json),
+            ["base_model"] = new JsonObject
+            {
+                ["name"] = spec.BaseModelName,
+                ["files"] = BaseModelFiles(spec.ModelDir),
+            },
+            ["dataset_sha256"] = spec.DatasetSha256,
+            ["seed"] = spec.Hyper.Seed,
+            ["steps"] = steps,
+            ["tokens_seen"] = tokensSeen,
+            ["train_examples"] = data.Count,
+            ["skipped_examples"] = data.Skipped,
+            ["validation_examples"] = spec.Validation?.Count ?? 0,
+            ["trainable_parameters"] = method.TrainableParameterCount,
+            ["final_loss"] = double.IsFinite(finalLoss) ? finalLoss : null,
+            ["final_validation_loss"] = finalValidation is { } fv && double.IsFinite(fv) ? fv : null,
+            ["created_utc"] = DateTime.UtcNow.ToString("O"),
+        };
+        AdapterFiles.WriteJson(Path.Combine(spec.OutputDir, MetadataFile), metadata);
+        files.Add(MetadataFile);
+        return files;
+    }
+
+    /// <summary>sha256 of the base model's weight files and config, so an adapter names exactly what it was trained on.</summary>
+    private static JsonArray BaseModelFiles(string modelDir)
+    {
+        var files = Directory.EnumerateFiles(modelDir)
+            .Where(f => f.EndsWith(".safetensors", StringComparison.Ordinal) || Path.GetFileName(f) is "config.json" or "model.safetensors.index.json")
+            .Order(StringComparer.Ordinal);
+        var array = new JsonArray();
+        foreach (var f in files)
+        {
+            var (sha, size) = Checkpoint.Hash(f);
+            array.Add(new JsonObject { ["name"] = Path.GetFileName(f), ["sha256"] = sha, ["size"] = size });
+        }
+        return array;
+    }
+
+    private static Tensor Keep(Tensor t)
+    {
+        DisposeScope.Keep(t);
+        return t;
+    }
+}

@@ -1,0 +1,191 @@
+using System.Text.Json.Nodes;
+using FineTune.Domain.Datasets;
+using FineTune.Domain.Jobs;
+using FineTune.Domain.Methods;
+using FineTune.Worker.Torch;
+using FineTune.Worker.Training;
+
+namespace FineTune.Worker.Tests.Training;
+
+public sealed class TrainerTests
+{
+    private sealed class Recorder(Action<TrainingMetrics>? onMetrics = null) : ITrainingReporter
+    {
+        public long TotalSteps, ResumedFrom = -1;
+        public List<TrainingMetrics> Metrics { get; } = [];
+        public List<(long Step, string Path, string Sha, long Size)> Checkpoints { get; } = [];
+        public List<long> Fenced { get; } = [];
+
+        public ValueTask OnStartedAsync(long totalSteps, long resumedFromStep, CancellationToken ct)
+        {
+            (TotalSteps, ResumedFrom) = (totalSteps, resumedFromStep);
+            return ValueTask.CompletedTask;
+        }
+
+        public ValueTask OnMetricsAsync(TrainingMetrics metrics, CancellationToken ct)
+        {
+            Metrics.Add(metrics);
+            onMetrics?.Invoke(metrics);
+            return ValueTask.CompletedTask;
+        }
+
+        public ValueTask BeforeCheckpointAsync(long step, CancellationToken ct)
+        {
+            Fenced.Add(step);
+            return ValueTask.CompletedTask;
+        }
+
+        public ValueTask OnCheckpointAsync(long step, string path, string sha256, long sizeBytes, CancellationToken ct)
+        {
+            Checkpoints.Add((step, path, sha256, sizeBytes));
+            return ValueTask.CompletedTask;
+        }
+    }
+
+    private static TrainingSpec Spec(MethodSpec method, Hyperparameters hyper, IReadOnlyList<DatasetExample>? validation = null,
+                                     string? resume = null, int logEvery = 1, int checkpointEvery = 1000) =>
+        new(TestData.TinyModelDir, new ByteTokenizer(), TestData.TextSet(), validation, method, hyper, Device.Cpu, ScalarType.Float32,
+            TestData.TempDir("ckpt"), resume, TestData.TempDir("out"), logEvery, checkpointEvery, "tiny-base", "abc123");
+
+    public static TheoryData<string> Methods => new() { "lora", "bone" };
+
+    [Theory, MemberData(nameof(Methods))]
+    public async Task Short_run_lowers_the_loss_and_writes_the_adapter_folder(string name)
+    {
+        MethodSpec method = name == "lora"
+            ? new LoraMethod { R = 8, Alpha = 16, TargetModules = MethodSpec.AllModules }
+            : new BoneMethod { R = 16, TargetModules = MethodSpec.AllModules };
+        var hyper = new Hyperparameters { BatchSize = 8, LearningRate = 1e-2, MaxSteps = 40, Scheduler = "constant", MaxSeqLength = 128 };
+        var recorder = new Recorder();
+        var spec = Spec(method, hyper, validation: TestData.TextSet(6), logEvery: 10);
+        var result = await new Trainer().RunAsync(spec, recorder, TestContext.Current.CancellationToken);
+
+        Assert.Equal(40, result.Steps);
+        Assert.Equal(40, recorder.TotalSteps);
+        Assert.Equal(0, recorder.ResumedFrom);
+        Assert.Equal([10L, 20, 30, 40], recorder.Metrics.Select(m => m.Step));
+        var first = recorder.Metrics[0].Loss;
+        Assert.InRange(first, 0.5, 6.5);
+        Assert.True(result.FinalLoss < first - 0.3, $"loss went from {first} to {result.FinalLoss}");
+        Assert.True(result.FinalValidationLoss < recorder.Metrics[0].ValidationLoss, "validation loss did not fall");
+        Assert.All(recorder.Metrics, m => Assert.True(m.TokensPerSecond > 0));
+        Assert.True(result.TokensSeen > 40 * 8 * 20);
+
+        Assert.Contains("adapter_model.safetensors", result.Files);
+        Assert.Contains("metadata.json", result.Files);
+        Assert.Equal(name == "bone", result.Files.Contains("lora/adapter_config.json"));
+        Assert.All(result.Files, f => Assert.True(File.Exists(Path.Combine(spec.OutputDir, f)), f));
+        var meta = JsonNode.Parse(File.ReadAllText(Path.Combine(spec.OutputDir, "metadata.json")))!;
+        Assert.Equal(name, (string?)meta["method"]!["type"]);
+        Assert.Equal(40, (int)meta["hyperparameters"]!["maxSteps"]!);
+        Assert.Equal("tiny-base", (string?)meta["base_model"]!["name"]);
+        Assert.Equal(64, ((string?)meta["base_model"]!["files"]![0]!["sha256"])!.Length);
+        Assert.Equal("abc123", (string?)meta["dataset_sha256"]);
+        Assert.Equal(42, (long)meta["seed"]!);
+        Assert.Equal(result.FinalLoss, (double)meta["final_loss"]!, 9);
+    }
+
+    [Fact]
+    public async Task Resuming_from_a_checkpoint_continues_exactly()
+    {
+        var method = new LoraMethod { R = 4, Alpha = 8, Dropout = 0.1, TargetModules = ["q_proj", "v_proj", "down_proj"] };
+        var hyper = new Hyperparameters
+        {
+            BatchSize = 3, GradientAccumulationSteps = 2, LearningRate = 5e-3, WarmupSteps = 2, Scheduler = "cosine",
+            MaxSteps = 8, WeightDecay = 0.01, MaxGradNorm = 0.5, MaxSeqLength = 48,
+        };
+        var validation = TestData.TextSet(4);
+        var straight = new Recorder();
+        var full = Spec(method, hyper, validation, checkpointEvery: 3);
+        await new Trainer().RunAsync(full, straight, TestContext.Current.CancellationToken);
+        Assert.Equal([3L, 6], straight.Checkpoints.Select(c => c.Step));
+        Assert.Equal([3L, 6], straight.Fenced);
+        var (_, path, sha, size) = straight.Checkpoints[0];
+        Assert.Equal(Path.Combine(full.CheckpointDir, "step-3.safetensors"), path);
+        Assert.Equal(Checkpoint.Hash(path), (sha, size));
+
+        var resumed = new Recorder();
+        var second = Spec(method, hyper, validation, resume: path, checkpointEvery: 3);
+        var result = await new Trainer().RunAsync(second, resumed, TestContext.Current.CancellationToken);
+        Assert.Equal(3, resumed.ResumedFrom);
+        Assert.Equal(8, result.Steps);
+        Assert.Equal([4L, 5, 6, 7, 8], resumed.Metrics.Select(m => m.Step));
+        foreach (var m in resumed.Metrics)
+        {
+            var s = straight.Metrics.Single(x => x.Step == m.Step);
+            Assert.Equal(s.Loss, m.Loss, 1e-6);
+            Assert.Equal(s.ValidationLoss!.Value, m.ValidationLoss!.Value, 1e-6);
+            Assert.Equal(s.LearningRate, m.LearningRate, 12);
+        }
+        // The adapters end up the same.
+        var a = Safetensors.Load(Path.Combine(full.OutputDir, "adapter_model.safetensors"));
+        var b = Safetensors.Load(Path.Combine(second.OutputDir, "adapter_model.safetensors"));
+        Assert.Equal(a.Keys.Order(), b.Keys.Order());
+        Assert.All(a.Keys, k => Assert.True(TestData.MaxAbsDiff(a[k], b[k]) < 1e-6, k));
+    }
+
+    [Fact]
+    public async Task A_checkpoint_of_another_job_is_refused()
+    {
+        var method = new BoneMethod { R = 8, TargetModules = ["q_proj"] };
+        var hyper = new Hyperparameters { BatchSize = 2, MaxSteps = 3, MaxSeqLength = 32 };
+        var first = new Recorder();
+        await new Trainer().RunAsync(Spec(method, hyper, checkpointEvery: 2), first, TestContext.Current.CancellationToken);
+        var path = first.Checkpoints.Single().Path;
+
+        var e = await Assert.ThrowsAsync<InvalidDataException>(() => new Trainer().RunAsync(
+            Spec(method, hyper with { LearningRate = 1e-3 }, resume: path), new Recorder(), TestContext.Current.CancellationToken));
+        Assert.Contains("hyperparameters", e.Message);
+        var e2 = await Assert.ThrowsAsync<InvalidDataException>(() => new Trainer().RunAsync(
+            Spec(method with { R = 4 }, hyper, resume: path), new Recorder(), TestContext.Current.CancellationToken));
+        Assert.Contains("method", e2.Message);
+    }
+
+    [Fact]
+    public async Task Cancellation_stops_the_loop()
+    {
+        using var cts = new CancellationTokenSource();
+        var recorder = new Recorder(m => { if (m.Step == 2) cts.Cancel(); });
+        var spec = Spec(new LoraMethod(), new Hyperparameters { BatchSize = 2, MaxSteps = 50, MaxSeqLength = 32 });
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => new Trainer().RunAsync(spec, recorder, cts.Token));
+        Assert.Equal(2, recorder.Metrics.Last().Step);
+        Assert.False(File.Exists(Path.Combine(spec.OutputDir, "metadata.json")));
+    }
+
+    [Fact]
+    public async Task Fencing_failure_aborts_before_the_checkpoint_is_written()
+    {
+        var spec = Spec(new LoraMethod(), new Hyperparameters { BatchSize = 2, MaxSteps = 5, MaxSeqLength = 32 }, checkpointEvery: 2);
+        var e = await Assert.ThrowsAsync<InvalidOperationException>(() => new Trainer().RunAsync(spec, new FencedOut(), TestContext.Current.CancellationToken));
+        Assert.Equal("lease lost", e.Message);
+        Assert.Empty(Directory.EnumerateFiles(spec.CheckpointDir));
+    }
+
+    private sealed class FencedOut : ITrainingReporter
+    {
+        public ValueTask OnStartedAsync(long totalSteps, long resumedFromStep, CancellationToken ct) => ValueTask.CompletedTask;
+        public ValueTask OnMetricsAsync(TrainingMetrics metrics, CancellationToken ct) => ValueTask.CompletedTask;
+        public ValueTask BeforeCheckpointAsync(long step, CancellationToken ct) => throw new InvalidOperationException("lease lost");
+        public ValueTask OnCheckpointAsync(long step, string path, string sha256, long sizeBytes, CancellationToken ct) => ValueTask.CompletedTask;
+    }
+
+    [Fact]
+    public void Sync_free_clipping_matches_the_binding()
+    {
+        using var gen = new Generator(4);
+        var a = new[] { Tensor.Randn([5, 3], gen, requiresGrad: true), Tensor.Randn([7], gen, requiresGrad: true) };
+        var b = a.Select(t => t.Detach().Clone().RequiresGrad_()).ToArray();
+        using (var scope = DisposeScope.Begin())
+        {
+            ((a[0] * 3).Sum() + (a[1] * a[1]).Sum()).Backward();
+            ((b[0] * 3).Sum() + (b[1] * b[1]).Sum()).Backward();
+        }
+        Trainer.ClipGradNorm(a, 1.0);
+        var norm = FineTune.Worker.Torch.Optim.GradClip.ClipGradNorm(b, 1.0);
+        Assert.True(norm > 1.0);
+        for (var i = 0; i < a.Length; i++) Assert.True(TestData.MaxAbsDiff(a[i].Grad!, b[i].Grad!) < 1e-6);
+        using var s2 = DisposeScope.Begin();
+        var total = Math.Sqrt(a.Sum(t => t.Grad!.Square().Sum().ItemDouble()));
+        Assert.Equal(1.0, total, 4);
+    }
+}
