@@ -22,6 +22,7 @@ builder.Services.AddSingleton<ModelResolver>().AddSingleton<DatasetCheck>().AddS
 builder.Services.ConfigureHttpJsonOptions(o =>
 {
     foreach (var c in DomainJson.Options.Converters) o.SerializerOptions.Converters.Add(c);
+    o.SerializerOptions.TypeInfoResolverChain.Insert(0, DomainJson.Options.TypeInfoResolver!);
     o.SerializerOptions.AllowOutOfOrderMetadataProperties = true;
 });
 builder.Services.AddAuthentication(ApiKeyAuthenticationHandler.SchemeName)

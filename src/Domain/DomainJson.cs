@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using System.Text.Json.Serialization.Metadata;
 
 namespace FineTune.Domain;
 
@@ -20,6 +21,21 @@ public static class DomainJson
             AllowOutOfOrderMetadataProperties = true,
             Converters = { new JsonStringEnumConverter(JsonNamingPolicy.SnakeCaseLower, allowIntegerValues: false) },
         };
+        // MethodSpec.Type is [JsonIgnore] on the abstract base, but the records' overrides do not inherit the attribute,
+        // and a "type" property clashes with the discriminator; computed get-only values (LoraMethod.Scaling) are not
+        // options either: a method's JSON is exactly its settable options plus the discriminator.
+        o.TypeInfoResolver = new DefaultJsonTypeInfoResolver
+        {
+            Modifiers =
+            {
+                ti =>
+                {
+                    if (!ti.Type.IsAssignableTo(typeof(Methods.MethodSpec)) || ti.Kind != JsonTypeInfoKind.Object) return;
+                    for (var i = ti.Properties.Count - 1; i >= 0; i--)
+                        if (ti.Properties[i].Name == "type" || ti.Properties[i].Set is null) ti.Properties.RemoveAt(i);
+                },
+            },
+        };
         if (strict)
         {
             o.UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow;
@@ -27,7 +43,7 @@ public static class DomainJson
             o.RespectNullableAnnotations = true;
             o.NumberHandling = JsonNumberHandling.Strict;
         }
-        o.MakeReadOnly(populateMissingResolver: true);
+        o.MakeReadOnly();
         return o;
     }
 }

@@ -1,4 +1,5 @@
 using System.IO.Compression;
+using System.IO.Pipelines;
 using System.Security.Claims;
 using FineTune.Api.Infrastructure;
 using FineTune.Domain.Adapters;
@@ -63,16 +64,39 @@ public static class AdaptersEndpoints
         http.Response.ContentType = "application/zip";
         // Adapter names are [a-z0-9._-]: safe inside quotes as they are.
         http.Response.Headers.ContentDisposition = $"attachment; filename=\"{adapter.Name}-v{adapter.Version}.zip\"";
-        await using (var zip = await ZipArchive.CreateAsync(http.Response.Body, ZipArchiveMode.Create, leaveOpen: true, entryNameEncoding: null, ct))
+        // ZipArchive writes synchronously, which the server forbids on the response: the zip is written on a
+        // worker thread into a bounded pipe, and the request copies the pipe out asynchronously (back-pressure
+        // keeps memory at the pipe's size whatever the adapter's).
+        var pipe = new Pipe(new PipeOptions(pauseWriterThreshold: 1 << 20, resumeWriterThreshold: 1 << 19));
+        var producer = Task.Run(async () =>
         {
-            foreach (var (entry, full) in files)
+            try
             {
-                // safetensors are dense floats: compression buys little and costs CPU on every download.
-                var e = zip.CreateEntry(entry, entry.EndsWith(".json", StringComparison.Ordinal) ? CompressionLevel.Fastest : CompressionLevel.NoCompression);
-                await using var target = await e.OpenAsync(ct);
-                await using var source = File.OpenRead(full);
-                await source.CopyToAsync(target, ct);
+                await using (var output = pipe.Writer.AsStream(leaveOpen: true))
+                using (var zip = new ZipArchive(output, ZipArchiveMode.Create, leaveOpen: true))
+                    foreach (var (entry, full) in files)
+                    {
+                        // safetensors are dense floats: compression buys little and costs CPU on every download.
+                        var level = entry.EndsWith(".json", StringComparison.Ordinal) ? CompressionLevel.Fastest : CompressionLevel.NoCompression;
+                        await using var target = zip.CreateEntry(entry, level).Open();
+                        await using var source = File.OpenRead(full);
+                        await source.CopyToAsync(target, ct);
+                    }
+                await pipe.Writer.CompleteAsync();
             }
+            catch (Exception e)
+            {
+                await pipe.Writer.CompleteAsync(e);
+            }
+        }, ct);
+        try
+        {
+            await pipe.Reader.CopyToAsync(http.Response.Body, ct);
+        }
+        finally
+        {
+            await pipe.Reader.CompleteAsync(); // a client that left unblocks the producer
+            await producer;
         }
         return TypedResults.Empty;
     }

@@ -27,14 +27,16 @@ public static class Observability
     {
         var log = ctx.RequestServices.GetRequiredService<ILoggerFactory>().CreateLogger("FineTune.Api.Requests");
         var started = Stopwatch.GetTimestamp();
+        var status = 500; // what the exception handler outside will answer if next throws
         try
         {
             await next(ctx);
+            status = ctx.Response.StatusCode;
         }
         finally
         {
             log.LogInformation("{Method} {Path} → {StatusCode} in {ElapsedMs:0.0} ms", ctx.Request.Method, ctx.Request.Path,
-                ctx.Response.StatusCode, Stopwatch.GetElapsedTime(started).TotalMilliseconds);
+                status, Stopwatch.GetElapsedTime(started).TotalMilliseconds);
         }
     });
 }

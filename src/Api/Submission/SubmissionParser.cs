@@ -95,9 +95,19 @@ public sealed partial class SubmissionParser(SubmissionOptions options, ModelRes
     private static (CreateFineTuneRequest?, SubmissionError?) Deserialize(byte[] body)
     {
         if (body.Length == 0) return (null, BadRequest("$", "the request body is empty; send a JSON object"));
+        JsonDocument doc;
         try
         {
-            using var doc = JsonDocument.Parse(body);
+            doc = JsonDocument.Parse(body);
+        }
+        catch (JsonException e)
+        {
+            // Reader messages name positions, not types: safe and useful as they are.
+            return (null, BadRequest("$", $"is not valid JSON: {e.Message}"));
+        }
+        using var _ = doc;
+        try
+        {
             if (doc.RootElement.ValueKind != JsonValueKind.Object) return (null, BadRequest("$", "must be a JSON object"));
             // The method's type is checked first: an unknown or missing discriminator deserves a message naming it.
             if (doc.RootElement.TryGetProperty("method", out var method))
@@ -137,15 +147,24 @@ public sealed partial class SubmissionParser(SubmissionOptions options, ModelRes
             if (name.Length > 0 && !path.EndsWith("." + name, StringComparison.Ordinal)) path = path == "$" ? "$." + name : $"{path}.{name}";
             message = "unknown field";
         }
-        else if (m.Contains("null", StringComparison.OrdinalIgnoreCase) && m.Contains("non-nullable", StringComparison.OrdinalIgnoreCase))
+        else if (m.Contains("null values", StringComparison.Ordinal) || m.Contains("non-nullable", StringComparison.OrdinalIgnoreCase))
             message = "must not be null";
-        else if (e.LineNumber is not null && e.InnerException is null && m.StartsWith("'", StringComparison.Ordinal))
-            message = "is not valid JSON"; // reader errors ("'x' is an invalid start of a value")
+        else if (ConvertedTo().Match(m) is { Success: true } conv)
+            message = conv.Groups[1].Value.TrimEnd('.') switch
+            {
+                "System.Int32" or "System.Int64" or "System.Nullable`1[System.Int32]" => "must be an integer",
+                "System.Double" or "System.Nullable`1[System.Double]" => "must be a number",
+                "System.Boolean" => "must be true or false",
+                "System.String" => "must be a string",
+                "System.String[]" => "must be an array of strings",
+                _ => "has the wrong type",
+            };
         else message = "has the wrong type or an invalid value";
         return BadRequest(path, message, e.LineNumber is { } line ? $" (line {line + 1})" : "");
     }
 
     [GeneratedRegex("'([^']+)'")] private static partial Regex RequiredNames();
+    [GeneratedRegex(@"could not be converted to ([\w.`\[\]]+)")] private static partial Regex ConvertedTo();
     [GeneratedRegex("The JSON property '([^']+)'")] private static partial Regex QuotedName();
 
     private static SubmissionError BadRequest(string jsonPath, string message, string where = "")

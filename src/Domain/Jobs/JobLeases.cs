@@ -18,11 +18,13 @@ public static class JobLeases
     /// <summary>
     /// Claims a queued job, or a running one whose heartbeat is older than <paramref name="staleAfter"/>, with a
     /// conditional update (xmin): of two concurrent claimers exactly one wins. Null when the job is gone, finished,
-    /// cancel-requested, held by a live lease, or claimed by someone else meanwhile.
+    /// cancel-requested, held by a live lease, or claimed by someone else meanwhile. Like the other methods here it
+    /// clears the context's change tracker (values must come fresh from the row): give the runner its own context.
     /// </summary>
     public static async Task<JobLease?> TryClaimAsync(this FineTuneDbContext db, Guid jobId, string owner,
         TimeSpan staleAfter, CancellationToken ct)
     {
+        db.ChangeTracker.Clear();
         var job = await db.Jobs.FirstOrDefaultAsync(j => j.Id == jobId, ct);
         var now = Clock.Now();
         if (job is null || !job.IsClaimable(now, staleAfter)) return null;
