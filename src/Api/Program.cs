@@ -1,6 +1,61 @@
+using FineTune.Api.Endpoints;
+using FineTune.Api.Infrastructure;
+using FineTune.Api.Submission;
+using FineTune.Domain;
+using FineTune.Domain.Dispatch;
+using FineTune.Domain.Persistence;
+using FineTune.Domain.Tenants;
+using Microsoft.AspNetCore.Authentication;
+using Microsoft.AspNetCore.Diagnostics.HealthChecks;
+using Microsoft.EntityFrameworkCore;
+
 var builder = WebApplication.CreateBuilder(args);
+builder.AddFineTuneLogging();
+var connectionString = builder.Configuration.GetConnectionString("Postgres")
+    ?? throw new InvalidOperationException("Set ConnectionStrings:Postgres (env ConnectionStrings__Postgres).");
+
+builder.Services.AddFineTuneDb(connectionString);
+builder.Services.AddFineTuneDispatch(builder.Configuration, connectionString);
+builder.Services.Configure<StorageOptions>(builder.Configuration.GetSection(StorageOptions.Section));
+builder.Services.AddSingleton(SubmissionOptions.From(builder.Configuration));
+builder.Services.AddSingleton<ModelResolver>().AddSingleton<DatasetCheck>().AddSingleton<SubmissionParser>();
+builder.Services.ConfigureHttpJsonOptions(o =>
+{
+    foreach (var c in DomainJson.Options.Converters) o.SerializerOptions.Converters.Add(c);
+    o.SerializerOptions.TypeInfoResolverChain.Insert(0, DomainJson.Options.TypeInfoResolver!);
+    o.SerializerOptions.AllowOutOfOrderMetadataProperties = true;
+});
+builder.Services.AddAuthentication(ApiKeyAuthenticationHandler.SchemeName)
+    .AddScheme<AuthenticationSchemeOptions, ApiKeyAuthenticationHandler>(ApiKeyAuthenticationHandler.SchemeName, null);
+builder.Services.AddAuthorizationBuilder()
+    .AddPolicy(ApiKeyAuthenticationHandler.WritePolicy, p => p.RequireRole(Roles.Admin, Roles.Member));
+builder.Services.AddProblemDetails().AddExceptionHandler<ProblemExceptionHandler>();
+builder.Services.AddHealthChecks().AddCheck<DatabaseReadyHealthCheck>("database", tags: ["ready"]);
+builder.Services.AddFineTuneOpenApi();
+
 var app = builder.Build();
-app.MapGet("/health/live", () => Results.Ok());
+
+await DatabaseMigrator.MigrateAsync(connectionString, app.Lifetime.ApplicationStopping);
+if (app.Configuration["Bootstrap:ApiKey"] is { Length: > 0 } bootstrapKey)
+{
+    await using var scope = app.Services.CreateAsyncScope();
+    await scope.ServiceProvider.GetRequiredService<FineTuneDbContext>()
+        .EnsureTenantKeyAsync(app.Configuration["Bootstrap:Tenant"] ?? "default", bootstrapKey, Roles.Admin, CancellationToken.None);
+}
+
+app.UseExceptionHandler();
+app.UseStatusCodePages();
+app.UseRequestLogging();
+app.UseSwagger();
+app.UseSwaggerUI(o => o.SwaggerEndpoint("/swagger/v1/swagger.json", "Fine-tune API v1"));
+app.UseAuthentication();
+app.UseAuthorization();
+
+app.MapHealthChecks("/health/live", new HealthCheckOptions { Predicate = _ => false });
+app.MapHealthChecks("/health/ready", new HealthCheckOptions { Predicate = c => c.Tags.Contains("ready") });
+app.MapFineTunes();
+app.MapAdapters();
+
 app.Run();
 
 public partial class Program;

@@ -1,0 +1,68 @@
+using System.Text.Json.Nodes;
+using FineTune.Api.Submission;
+using FineTune.Domain.Methods;
+using Microsoft.OpenApi;
+using Swashbuckle.AspNetCore.SwaggerGen;
+
+namespace FineTune.Api.Infrastructure;
+
+public static class OpenApi
+{
+    public static IServiceCollection AddFineTuneOpenApi(this IServiceCollection services)
+    {
+        services.AddEndpointsApiExplorer();
+        services.AddSwaggerGen(c =>
+        {
+            c.SwaggerDoc("v1", new OpenApiInfo
+            {
+                Title = "Fine-tune API", Version = "v1",
+                Description = "Submit LoRA/Bone fine-tunes of Llama-family models, follow them, download the adapters.",
+            });
+            c.AddSecurityDefinition("bearer", new OpenApiSecurityScheme
+            {
+                Type = SecuritySchemeType.Http, Scheme = "bearer", BearerFormat = "ft_<32 characters>",
+                Description = "An API key: Authorization: Bearer ft_…",
+            });
+            c.AddSecurityRequirement(doc => new OpenApiSecurityRequirement { [new OpenApiSecuritySchemeReference("bearer", doc)] = [] });
+            // The method union: oneOf LoraMethod | BoneMethod with discriminator "type" (from the JsonDerivedType attributes).
+            c.UseOneOfForPolymorphism();
+            c.SelectDiscriminatorNameUsing(t => t == typeof(MethodSpec) ? "type" : null);
+            c.SupportNonNullableReferenceTypes();
+            foreach (var xml in new[] { "FineTune.Api.xml", "FineTune.Domain.xml" }.Select(f => Path.Combine(AppContext.BaseDirectory, f)).Where(File.Exists))
+                c.IncludeXmlComments(xml, includeControllerXmlComments: true);
+            c.OperationFilter<SubmitExamples>();
+        });
+        return services;
+    }
+
+    /// <summary>Request examples for the submit operation, one per method.</summary>
+    private sealed class SubmitExamples : IOperationFilter
+    {
+        public void Apply(OpenApiOperation operation, OperationFilterContext context)
+        {
+            if (operation.OperationId != "CreateFineTune" || operation.RequestBody?.Content is null
+                || !operation.RequestBody.Content.TryGetValue("application/json", out var media)) return;
+            media.Examples ??= new Dictionary<string, IOpenApiExample>();
+            media.Examples["lora"] = new OpenApiExample
+            {
+                Summary = "LoRA r=8 on the attention projections",
+                Value = JsonNode.Parse("""
+                    {"model": "tiny-llama", "trainingData": "file:///data/datasets/chat.jsonl",
+                     "method": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "rslora": false, "targetModules": ["q_proj", "v_proj"]},
+                     "hyperparameters": {"epochs": 1, "batchSize": 4, "learningRate": 0.0002, "maxSeqLength": 512, "seed": 42},
+                     "adapterName": "support-bot", "pool": "cpu", "priority": "normal"}
+                    """),
+            };
+            media.Examples["bone"] = new OpenApiExample
+            {
+                Summary = "Bone with block size 64 on the MLP",
+                Value = JsonNode.Parse("""
+                    {"model": "tiny-llama", "trainingData": "file:///data/datasets/chat.jsonl",
+                     "method": {"type": "bone", "r": 64, "targetModules": ["gate_proj", "up_proj", "down_proj"]},
+                     "hyperparameters": {"maxSteps": 200, "learningRate": 0.0001},
+                     "adapterName": "support-bot-bone"}
+                    """),
+            };
+        }
+    }
+}
