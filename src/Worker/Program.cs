@@ -1,4 +1,5 @@
 using FineTune.Worker;
+using Microsoft.Extensions.Hosting;
 using FineTune.Worker.Training.Model;
 using FineTune.Worker.Training.Tokenizers;
 

@@ -9,9 +9,9 @@ public sealed class JobQueryTests(ApiFactory api) : IClassFixture<ApiFactory>
 {
     private static CancellationToken Ct => TestContext.Current.CancellationToken;
 
-    private static async Task<Guid> SubmitAsync(HttpClient client, string body = Requests.Lora)
+    private static async Task<Guid> SubmitAsync(HttpClient client)
     {
-        var response = await client.PostAsync("/v1/fine-tunes", Requests.Body(body), Ct);
+        var response = await client.PostAsync("/v1/fine-tunes", Requests.Body(Requests.Lora), Ct);
         Assert.Equal(HttpStatusCode.Accepted, response.StatusCode);
         return (await response.JsonAsync()).GetProperty("id").GetGuid();
     }
@@ -156,6 +156,45 @@ public sealed class JobQueryTests(ApiFactory api) : IClassFixture<ApiFactory>
         var lastId = events[2].GetProperty("id").GetInt64();
         var tail = await (await client.GetAsync($"/v1/fine-tunes/{id}/events?after={lastId}", Ct)).JsonAsync();
         Assert.Equal(["failed"], tail.EnumerateArray().Select(e => e.GetProperty("type").GetString()));
+    }
+
+    [Fact]
+    public async Task A_live_event_stream_sends_later_events_and_ends_when_the_job_finishes()
+    {
+        var client = await api.ClientAsync("live-events");
+        var id = await SubmitAsync(client);
+        var request = new HttpRequestMessage(HttpMethod.Get, $"/v1/fine-tunes/{id}/events");
+        request.Headers.Accept.ParseAdd("text/event-stream");
+        var response = await client.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, Ct);
+        Assert.Equal(HttpStatusCode.OK, response.StatusCode);
+        using var reader = new StreamReader(await response.Content.ReadAsStreamAsync(Ct));
+
+        async Task<string> ReadEventAsync()
+        {
+            var lines = new List<string>();
+            while (await reader.ReadLineAsync(Ct) is { } line && line.Length > 0) lines.Add(line);
+            return string.Join("\n", lines);
+        }
+        Assert.Contains("event: queued", await ReadEventAsync());
+
+        // The job runs and finishes while the client listens.
+        await using var db = api.Db();
+        var lease = (await db.TryClaimAsync(id, "node-1/slot-0", TimeSpan.FromMinutes(1), Ct))!;
+        Assert.Contains("event: running", await ReadEventAsync());
+        Assert.NotNull(await db.UpdateFencedAsync(lease, j => j.Succeed(Guid.NewGuid()), Ct));
+        var last = await ReadEventAsync();
+        Assert.Contains("event: succeeded", last);
+        Assert.Matches(@"id: \d+", last);
+        Assert.Null(await reader.ReadLineAsync(Ct)); // the server ended the stream
+    }
+
+    [Fact]
+    public async Task A_body_that_is_not_json_is_415()
+    {
+        var client = await api.ClientAsync("media-type");
+        var r = await client.PostAsync("/v1/fine-tunes", new StringContent("model=tiny", System.Text.Encoding.UTF8, "application/x-www-form-urlencoded"), Ct);
+        Assert.Equal(HttpStatusCode.UnsupportedMediaType, r.StatusCode);
+        Assert.Equal("application/problem+json", r.Content.Headers.ContentType?.MediaType);
     }
 
     [Fact]

@@ -72,7 +72,7 @@ public sealed class ServiceFixture : IAsyncLifetime
         ["Worker:ReconcileInterval"] = "00:00:02",
         ["Worker:LogEvery"] = "2",
         ["Worker:CheckpointEvery"] = "5",
-        ["Serilog:MinimumLevel:Default"] = "Warning",
+        ["Serilog:MinimumLevel"] = "Warning",
     };
 
     /// <summary>Starts a worker node inside the test process.</summary>

@@ -48,11 +48,13 @@ public static class DispatchServiceCollectionExtensions
             });
             if (servedPools is { Count: > 0 }) q.ServeExecutionGroups([.. servedPools]);
         });
-        services.AddTransient<FineTuneQuartzJob>();
         services.AddSingleton<QuartzJobDispatcher>();
         services.AddSingleton<IJobDispatcher>(sp => sp.GetRequiredService<QuartzJobDispatcher>());
         if (servedPools is { Count: > 0 })
+        {
+            services.AddTransient<FineTuneQuartzJob>(); // needs the worker's IJobRunner
             services.AddQuartzHostedService(h => h.WaitForJobsToComplete = true);
+        }
         return services;
     }
 }

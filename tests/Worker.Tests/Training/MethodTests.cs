@@ -90,7 +90,7 @@ public sealed class MethodTests
         using var layer = new BoneLayer(linear, r);
         var d = new float[r * outF];
         for (var i = 0; i < d.Length; i++) d[i] = (float)Math.Sin(i + 1);
-        using (Torch.Torch.NoGrad()) layer.D.Copy_(Tensor.From(d, r, outF));
+        using (global::FineTune.Worker.Torch.Torch.NoGrad()) layer.D.Copy_(Tensor.From(d, r, outF));
         linear.Adapter = layer;
 
         using var scope = DisposeScope.Begin();

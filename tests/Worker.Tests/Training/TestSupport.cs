@@ -96,7 +96,7 @@ public static class TestData
     public static void Randomize(FineTune.Worker.Training.Methods.IAdapterMethod method, long seed, double scale = 0.05)
     {
         using var gen = new Generator(seed);
-        using var noGrad = Torch.Torch.NoGrad();
+        using var noGrad = global::FineTune.Worker.Torch.Torch.NoGrad();
         foreach (var (_, t) in method.TrainableTensors)
         {
             using var scope = DisposeScope.Begin();
