@@ -36,7 +36,8 @@ for _ in $(seq 1 900); do
   read -r status line < <(python3 -c '
 import json,sys; j=json.load(sys.stdin); p=j.get("progress") or {}
 loss=j.get("lastLoss"); ls=f"{loss:.4f}" if isinstance(loss,(int,float)) else "-"
-print(j["status"], f"step {p.get(\"step\",0)}/{p.get(\"totalSteps\",0)} loss {ls}")' <<<"$job")
+s=p.get("step",0); t=p.get("totalSteps",0)
+print(j["status"], "step %s/%s loss %s" % (s, t, ls))' <<<"$job")
   printf '\r  %-10s %s   ' "$status" "$line"
   case "$status" in succeeded|failed|cancelled) break;; esac
   sleep 1
@@ -52,8 +53,8 @@ curl -fsS "${auth[@]}" "$FINETUNE_URL/v1/fine-tunes/$id/metrics" | python3 -c '
 import json,sys
 d=json.load(sys.stdin); rows=d["data"] if isinstance(d,dict) and "data" in d else d
 print("  step    loss      lr         tokens/s")
-for m in rows: print(f"  {m[\"step\"]:>4}  {m[\"loss\"]:8.4f}  {m[\"learningRate\"]:.3e}  {m[\"tokensPerSecond\"]:9.0f}")
-if rows: print(f"final loss: {rows[-1][\"loss\"]:.4f} (first logged: {rows[0][\"loss\"]:.4f})")'
+for m in rows: print("  %4d  %8.4f  %.3e  %9.0f" % (m["step"], m["loss"], m["learningRate"], m["tokensPerSecond"]))
+if rows: print("final loss: %.4f (first logged: %.4f)" % (rows[-1]["loss"], rows[0]["loss"]))'
 log "registry entry GET /v1/adapters/$adapter"
 curl -fsS "${auth[@]}" "$FINETUNE_URL/v1/adapters/$adapter" | python3 -m json.tool
 curl -fsS "${auth[@]}" -o "$RUN_DIR/adapter.zip" "$FINETUNE_URL/v1/adapters/$adapter/download"

@@ -6,6 +6,7 @@ using FineTune.Domain.Jobs;
 using FineTune.Domain.Methods;
 using FineTune.Worker.Torch;
 using FineTune.Worker.Training;
+using FineTune.Worker.Training.Data;
 using FineTune.Worker.Training.Tokenizers;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
@@ -27,7 +28,8 @@ public sealed class JobRunner(
     IOptions<WorkerOptions> options,
     ILogger<JobRunner> log) : IJobRunner
 {
-    private static readonly JsonSerializerOptions Json = new(JsonSerializerDefaults.Web);
+    // jsonb reorders keys, so the method's discriminator may not come first: DomainJson allows that.
+    private static readonly JsonSerializerOptions Json = FineTune.Domain.DomainJson.Options;
     private readonly WorkerOptions _options = options.Value;
     private readonly string _node = options.Value.NodeName ?? $"{Environment.MachineName}:{Environment.ProcessId}";
 
@@ -80,6 +82,19 @@ public sealed class JobRunner(
         {
             await lease.FinishAsync(JobStatus.Failed, "training_error", e.Message, "failed", e.Message);
             log.LogError(e, "Job {JobId} failed while training", jobId);
+        }
+        catch (Exception e) when (e is DatasetEncodingException or ArgumentException or JsonException)
+        {
+            // Input the submit-time checks could not see (a line that does not encode, a shape that does not fit).
+            await lease.FinishAsync(JobStatus.Failed, "invalid_input", e.Message, "failed", e.Message);
+            log.LogWarning(e, "Job {JobId} failed on its input", jobId);
+        }
+        catch (Exception e)
+        {
+            // A bug of ours: fail the job with a clear record instead of letting Quartz fire it again and again.
+            await lease.FinishAsync(JobStatus.Failed, "internal_error",
+                $"The worker failed unexpectedly ({e.GetType().Name}: {e.Message}).", "failed", e.Message);
+            log.LogError(e, "Job {JobId} failed unexpectedly", jobId);
         }
         finally
         {
