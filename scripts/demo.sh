@@ -18,7 +18,7 @@ body=$(cat <<JSON
   "model": "file://$model",
   "trainingData": "file://$data",
   "method": { "type": "bone", "r": 16, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] },
-  "hyperparameters": { "epochs": 3, "batchSize": 8, "learningRate": 0.003, "maxSeqLength": 96, "seed": 7, "warmupSteps": 5, "scheduler": "cosine" },
+  "hyperparameters": { "epochs": 8, "batchSize": 8, "learningRate": 0.01, "maxSeqLength": 96, "seed": 7, "warmupSteps": 5, "scheduler": "cosine" },
   "adapterName": "capitals-demo",
   "pool": "cpu"
 }
