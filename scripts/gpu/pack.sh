@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Packs what a GPU host without a .NET SDK needs to run our worker or tests: the .NET runtime (host + the
 # Microsoft.NETCore.App shared framework, ~26 MB as tar.xz) and the framework-dependent builds. Output: .device/
-# (git-ignored). The native shim is NOT packed: it is built on the GPU host against that host's libtorch (run.sh).
+# (git-ignored; or the folder given as the first argument). The native shim is NOT packed: it is built on the GPU
+# host against that host's libtorch (run.sh).
 source "$(dirname "$0")/../lib.sh"
 cd "$REPO_ROOT"
-out="$REPO_ROOT/.device"
+out="$(realpath -m "${1:-$REPO_ROOT/.device}")"
 rm -rf "$out"; mkdir -p "$out"
 dotnet_root="$(dirname "$(readlink -f "$(command -v dotnet)")")"
 fx="$(ls -d "$dotnet_root"/shared/Microsoft.NETCore.App/* | sort -V | tail -1)"

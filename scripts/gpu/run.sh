@@ -2,6 +2,7 @@
 # On a GPU host that has PyTorch (CUDA libtorch >= 2.1) but no .NET SDK: builds the native shim against the host's
 # libtorch, unpacks the runtime packed by pack.sh, and runs the given command with the environment set.
 #   scripts/gpu/run.sh dotnet .device/worker-tests/FineTune.Worker.Tests.dll
+# FINETUNE_GPU_PACK names the folder pack.sh wrote (default .device).
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 work="${FINETUNE_GPU_WORK:-/tmp/finetune-gpu}"
@@ -15,7 +16,7 @@ if [ ! -f "$work/native/libfinetune_torch.so" ]; then
   cmake --build "$work/cmake" -j "$(nproc)" >&2
 fi
 if [ ! -x "$work/dotnet/dotnet" ]; then
-  mkdir -p "$work/dotnet" && tar -xJf "$REPO_ROOT/.device/dotnet-runtime.tar.xz" -C "$work/dotnet"
+  mkdir -p "$work/dotnet" && tar -xJf "${FINETUNE_GPU_PACK:-$REPO_ROOT/.device}/dotnet-runtime.tar.xz" -C "$work/dotnet"
 fi
 export DOTNET_ROOT="$work/dotnet" PATH="$work/dotnet:$PATH" DOTNET_CLI_TELEMETRY_OPTOUT=1
 export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}" FINETUNE_TORCH_NATIVE="$work/native/libfinetune_torch.so"

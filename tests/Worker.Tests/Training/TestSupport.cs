@@ -51,6 +51,9 @@ public sealed class ByteTokenizer : ITokenizer
 
 public static class TestData
 {
+    /// <summary>Where the training tests run: <c>FINETUNE_TEST_DEVICE=cuda</c> runs them on a GPU host (CPU otherwise).</summary>
+    public static Device Device { get; } = Device.Parse(Environment.GetEnvironmentVariable("FINETUNE_TEST_DEVICE") ?? "cpu");
+
     private static readonly Lazy<string> Tiny = new(() => WriteModel("tiny", seed: 1));
 
     /// <summary>A tiny Llama folder shared by the tests (written once per test run).</summary>

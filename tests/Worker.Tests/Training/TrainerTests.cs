@@ -44,7 +44,7 @@ public sealed class TrainerTests
 
     private static TrainingSpec Spec(MethodSpec method, Hyperparameters hyper, IReadOnlyList<DatasetExample>? validation = null,
                                      string? resume = null, int logEvery = 1, int checkpointEvery = 1000) =>
-        new(TestData.TinyModelDir, new ByteTokenizer(), TestData.TextSet(), validation, method, hyper, Device.Cpu, ScalarType.Float32,
+        new(TestData.TinyModelDir, new ByteTokenizer(), TestData.TextSet(), validation, method, hyper, TestData.Device, ScalarType.Float32,
             TestData.TempDir("ckpt"), resume, TestData.TempDir("out"), logEvery, checkpointEvery, "tiny-base", "abc123");
 
     public static TheoryData<string> Methods => new() { "lora", "bone" };
