@@ -91,7 +91,8 @@ FT_API int ft_manual_seed(int64_t seed) {
     if (at::hasCUDA()) {
       int n = at::detail::getCUDAHooks().getNumGPUs();
       for (int i = 0; i < n; ++i) {
-        auto g = at::detail::getCUDAHooks().getDefaultCUDAGenerator(i);
+        // Context::defaultGenerator exists in 1.13 and 2.x (the CUDA hooks' accessor was renamed in 2.x).
+        auto g = at::globalContext().defaultGenerator(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(i)));
         std::lock_guard<std::mutex> lock(g.mutex());
         g.set_current_seed(static_cast<uint64_t>(seed));
       }
@@ -113,7 +114,7 @@ FT_API void* ft_generator_new(int64_t seed, int devtype, int devindex) {
   FT_TRY(nullptr, {
     at::Generator g;
     if (devtype == 1) {
-      g = at::detail::getCUDAHooks().getDefaultCUDAGenerator(devindex).clone();
+      g = at::globalContext().defaultGenerator(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(devindex))).clone();
     } else {
       g = at::detail::createCPUGenerator(static_cast<uint64_t>(seed));
     }
