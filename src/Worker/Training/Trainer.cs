@@ -85,7 +85,7 @@ public sealed class Trainer
             ct.ThrowIfCancellationRequested();
             var factor = LrSchedule.Factor(hyper.Scheduler, step, totalSteps, hyper.WarmupSteps);
             optimizer.SetLearningRateFactor(factor);
-            var stepTokens = TrainStep(model, data, ref position, hyper, step, parameters, optimizer, lossWindow);
+            var stepTokens = TrainStep(model, method, data, ref position, hyper, step, parameters, optimizer, lossWindow);
             step++;
             windowSteps++;
             tokensSeen += stepTokens;
@@ -120,11 +120,12 @@ public sealed class Trainer
     }
 
     /// <summary>One optimizer step over <c>GradientAccumulationSteps</c> micro-batches; returns the tokens it read.</summary>
-    private static long TrainStep(Llama model, TrainingData data, ref DataPosition position, Hyperparameters hyper, long step,
-                                  IReadOnlyList<Tensor> parameters, AdamW optimizer, Tensor lossWindow)
+    private static long TrainStep(Llama model, IAdapterMethod method, TrainingData data, ref DataPosition position,
+                                  Hyperparameters hyper, long step, IReadOnlyList<Tensor> parameters, AdamW optimizer, Tensor lossWindow)
     {
         // Dropout draws from libtorch's global generator: reseeding per step makes a resumed run draw the same masks.
         Torch.Torch.ManualSeed(StepSeed(hyper.Seed, step));
+        method.BeginStep(step);
         var batches = new HostBatch[hyper.GradientAccumulationSteps];
         for (var i = 0; i < batches.Length; i++) batches[i] = data.NextBatch(ref position);
         // Normalise by all label tokens of the step, so every token weighs the same whatever micro-batch it is in.
@@ -139,9 +140,13 @@ public sealed class Trainer
             loss.Backward();
             lossWindow.Add_(loss.Detach());
         }
+        using (DisposeScope.Begin())
+            method.Penalty()?.Backward();
+        method.EndBackward();
         if (hyper.MaxGradNorm > 0) ClipGradNorm(parameters, hyper.MaxGradNorm);
         optimizer.Step();
         optimizer.ZeroGrad();
+        method.AfterOptimizerStep(step, optimizer);
         return batches.Sum(b => b.Tokens);
     }
 
@@ -240,6 +245,7 @@ public sealed class Trainer
             ["skipped_examples"] = data.Skipped,
             ["validation_examples"] = spec.Validation?.Count ?? 0,
             ["trainable_parameters"] = method.TrainableParameterCount,
+            ["lora_export"] = method.ExportInfo?.DeepClone(),
             ["final_loss"] = double.IsFinite(finalLoss) ? finalLoss : null,
             ["final_validation_loss"] = finalValidation is { } fv && double.IsFinite(fv) ? fv : null,
             ["created_utc"] = DateTime.UtcNow.ToString("O"),

@@ -39,6 +39,22 @@ public interface IAdapterMethod : IDisposable
     IReadOnlyList<string> Save(string dir, string baseModelName);
     /// <summary>Loads adapter_model.safetensors from a folder written by <see cref="Save"/>.</summary>
     void Load(string dir);
+
+    // Training-loop hooks, in the order the trainer calls them for one optimizer step. Most methods need none
+    // (AdapterMethodBase implements them as no-ops); VB-LoRA and XGBLoRA use them.
+
+    /// <summary>Before the micro-batches of optimizer step <paramref name="step"/> (0-based).</summary>
+    void BeginStep(long step);
+    /// <summary>A regularisation term added once per optimizer step (its backward runs after the micro-batches'); null if none.</summary>
+    Tensor? Penalty();
+    /// <summary>After every micro-batch's backward and the penalty's, before gradient clipping and the optimizer step.</summary>
+    void EndBackward();
+    /// <summary>After the optimizer step <paramref name="step"/> (0-based) has been applied.</summary>
+    void AfterOptimizerStep(long step, AdamW optimizer);
+
+    /// <summary>What the last <see cref="Save"/> wrote as portable exports (e.g. <c>lora/</c>: rank, exact or the SVD
+    /// error per module), for the adapter's metadata.json; null when the method wrote none.</summary>
+    JsonObject? ExportInfo { get; }
 }
 
 /// <summary>One adapter on one linear module.</summary>
@@ -94,8 +110,16 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     protected abstract IAdapterLayer CreateLayer(Linear linear, Generator gen);
     /// <summary>adapter_config.json of the native form.</summary>
     protected abstract JsonObject AdapterConfig(string baseModelName);
-    /// <summary>Extra portable forms (e.g. a LoRA export); returns files written, relative to <paramref name="dir"/>.</summary>
+    /// <summary>Extra portable forms (e.g. a LoRA export); returns files written, relative to <paramref name="dir"/>.
+    /// Set <see cref="ExportInfo"/> to describe them (usually the result of <see cref="LoraExport.Write"/>).</summary>
     protected virtual IReadOnlyList<string> SaveExports(string dir, string baseModelName) => [];
+
+    public JsonObject? ExportInfo { get; protected set; }
+
+    public virtual void BeginStep(long step) { }
+    public virtual Tensor? Penalty() => null;
+    public virtual void EndBackward() { }
+    public virtual void AfterOptimizerStep(long step, AdamW optimizer) { }
 
     internal void Attach(Llama model, long seed)
     {

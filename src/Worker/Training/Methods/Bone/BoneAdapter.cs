@@ -58,7 +58,6 @@ public sealed class BoneLayer : IAdapterLayer
 
 public sealed class BoneAdapter(BoneMethod spec) : AdapterMethodBase(spec)
 {
-    public const string LoraExportDir = "lora";
     public BoneMethod Bone { get; } = spec;
 
     protected override IAdapterLayer CreateLayer(Linear linear, Generator gen) => new BoneLayer(linear, Bone.R);
@@ -73,27 +72,21 @@ public sealed class BoneAdapter(BoneMethod spec) : AdapterMethodBase(spec)
         return c;
     }
 
-    /// <summary>The exact plain-LoRA form in <c>lora/</c>: A[i mod r, i] = 1, B = Dᵀ, alpha = r (so s = 1).</summary>
+    /// <summary>The exact plain-LoRA form in <c>lora/</c>: A[i mod r, i] = 1, B = Dᵀ (ΔW = B·A, s = 1).</summary>
     protected override IReadOnlyList<string> SaveExports(string dir, string baseModelName)
     {
-        var loraDir = Path.Combine(dir, LoraExportDir);
-        Directory.CreateDirectory(loraDir);
-        using (var scope = DisposeScope.Begin())
+        using var scope = DisposeScope.Begin();
+        var aByIn = new Dictionary<long, Tensor>();
+        var modules = new List<LoraExport.Module>();
+        foreach (var (path, layer) in Layers)
         {
-            var tensors = new Dictionary<string, Tensor>();
-            var aByIn = new Dictionary<long, Tensor>();
-            foreach (var (path, layer) in Layers)
-            {
-                var bone = (BoneLayer)layer;
-                var inFeatures = bone.Base.InFeatures;
-                if (!aByIn.TryGetValue(inFeatures, out var a)) aByIn[inFeatures] = a = BoneLayer.LoraA(Bone.R, inFeatures);
-                tensors[$"{Prefix}{path}.lora_A.weight"] = a;
-                tensors[$"{Prefix}{path}.lora_B.weight"] = bone.D.Detach().T().Contiguous().To(Device.Cpu);
-            }
-            Safetensors.Save(Path.Combine(loraDir, AdapterFiles.Weights), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+            var bone = (BoneLayer)layer;
+            var inFeatures = bone.Base.InFeatures;
+            if (!aByIn.TryGetValue(inFeatures, out var a)) aByIn[inFeatures] = a = BoneLayer.LoraA(Bone.R, inFeatures);
+            modules.Add(new LoraExport.Module(path, a, bone.D.Detach().T()));
         }
-        AdapterFiles.WriteJson(Path.Combine(loraDir, AdapterFiles.Config),
-            LoraAdapter.LoraConfig(baseModelName, TargetModules, Bone.R, Bone.R, 0.0, rslora: false));
-        return [$"{LoraExportDir}/{AdapterFiles.Weights}", $"{LoraExportDir}/{AdapterFiles.Config}"];
+        var files = LoraExport.Write(dir, baseModelName, TargetModules, modules, out var info);
+        ExportInfo = info;
+        return files;
     }
 }
