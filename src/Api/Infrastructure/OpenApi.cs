@@ -1,4 +1,8 @@
+using System.ComponentModel;
+using System.Reflection;
+using System.Text.Json;
 using System.Text.Json.Nodes;
+using FineTune.Domain;
 using FineTune.Api.Submission;
 using FineTune.Domain.Methods;
 using Microsoft.OpenApi;
@@ -43,26 +47,26 @@ public static class OpenApi
             if (operation.OperationId != "CreateFineTune" || operation.RequestBody?.Content is null
                 || !operation.RequestBody.Content.TryGetValue("application/json", out var media)) return;
             media.Examples ??= new Dictionary<string, IOpenApiExample>();
-            media.Examples["lora"] = new OpenApiExample
+            // One example per registered method, from its options type's defaults (so a new method documents itself).
+            foreach (var (type, optionsType) in MethodSpec.Registered)
             {
-                Summary = "LoRA r=8 on the attention projections",
-                Value = JsonNode.Parse("""
-                    {"model": "tiny-llama", "trainingData": "file:///data/datasets/chat.jsonl",
-                     "method": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "rslora": false, "targetModules": ["q_proj", "v_proj"]},
-                     "hyperparameters": {"epochs": 1, "batchSize": 4, "learningRate": 0.0002, "maxSeqLength": 512, "seed": 42},
-                     "adapterName": "support-bot", "pool": "cpu", "priority": "normal"}
-                    """),
-            };
-            media.Examples["bone"] = new OpenApiExample
-            {
-                Summary = "Bone with block size 64 on the MLP",
-                Value = JsonNode.Parse("""
-                    {"model": "tiny-llama", "trainingData": "file:///data/datasets/chat.jsonl",
-                     "method": {"type": "bone", "r": 64, "targetModules": ["gate_proj", "up_proj", "down_proj"]},
-                     "hyperparameters": {"maxSteps": 200, "learningRate": 0.0001},
-                     "adapterName": "support-bot-bone"}
-                    """),
-            };
+                var method = JsonSerializer.SerializeToNode(MethodSpec.Default(type), DomainJson.Options)!.AsObject();
+                method.Insert(0, "type", type);
+                var summary = optionsType.GetCustomAttribute<DescriptionAttribute>()?.Description ?? type;
+                media.Examples[type] = new OpenApiExample
+                {
+                    Summary = $"{type}: {summary}",
+                    Value = new JsonObject
+                    {
+                        ["model"] = "tiny-llama",
+                        ["trainingData"] = "file:///data/datasets/chat.jsonl",
+                        ["method"] = method,
+                        ["hyperparameters"] = new JsonObject { ["epochs"] = 1, ["batchSize"] = 4, ["learningRate"] = 0.0002, ["maxSeqLength"] = 512, ["seed"] = 42 },
+                        ["adapterName"] = $"support-bot-{type}",
+                        ["pool"] = "cpu",
+                    },
+                };
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ namespace FineTune.Domain.Methods;
 /// Bone (PEFT: MiSS, default mode): one zero-initialised block D (r, out) shared by the input's r-sized chunks:
 /// Δy = (Σ_k x[.., k·r:(k+1)·r]) D. If in % r ≠ 0 the input is zero-padded to the next multiple of r.
 /// </summary>
+[Description("Block-affine adaptation (PEFT MiSS): one block D (r, out) shared by the input's r-chunks")]
 public sealed record BoneMethod : MethodSpec
 {
     [JsonIgnore] public override string Type => "bone";

@@ -5,6 +5,7 @@ using FineTune.Domain.Models;
 namespace FineTune.Domain.Methods;
 
 /// <summary>LoRA: Δy = s·(x Aᵀ) Bᵀ with A (r, in) and B (out, r); s = alpha/r (rsLoRA: alpha/√r).</summary>
+[Description("Low-rank adaptation: dy = s*(x A^T) B^T; the default, loaded by every serving stack")]
 public sealed record LoraMethod : MethodSpec
 {
     [JsonIgnore] public override string Type => "lora";

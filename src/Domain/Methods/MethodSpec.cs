@@ -18,7 +18,16 @@ public abstract record MethodSpec
 
     [JsonIgnore] public abstract string Type { get; }
 
-    public static readonly string[] KnownTypes = ["lora", "bone"];
+    /// <summary>The registered methods (the <see cref="JsonDerivedTypeAttribute"/> lines above): discriminator and options type.</summary>
+    public static readonly IReadOnlyList<(string Type, Type OptionsType)> Registered =
+        typeof(MethodSpec).GetCustomAttributes(typeof(JsonDerivedTypeAttribute), inherit: false).Cast<JsonDerivedTypeAttribute>()
+            .Select(a => ((string)a.TypeDiscriminator!, a.DerivedType)).ToArray();
+
+    public static readonly string[] KnownTypes = Registered.Select(r => r.Type).ToArray();
+
+    /// <summary>A method's options with every default (the Swagger examples are these).</summary>
+    public static MethodSpec Default(string type) =>
+        (MethodSpec)Activator.CreateInstance(Registered.Single(r => r.Type == type).OptionsType)!;
     public static readonly string[] AllModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
     /// <summary>Option errors that need no model (ranges), keyed by JSON path.</summary>
