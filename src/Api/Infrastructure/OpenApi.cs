@@ -51,7 +51,7 @@ public static class OpenApi
             foreach (var (type, optionsType) in MethodSpec.Registered)
             {
                 var method = JsonSerializer.SerializeToNode(MethodSpec.Default(type), DomainJson.Options)!.AsObject();
-                method.Insert(0, "type", type);
+                if (!method.ContainsKey("type")) method.Insert(0, "type", type);
                 var summary = optionsType.GetCustomAttribute<DescriptionAttribute>()?.Description ?? type;
                 media.Examples[type] = new OpenApiExample
                 {
