@@ -1,7 +1,7 @@
 using FineTune.Worker;
 using Microsoft.Extensions.Hosting;
 using FineTune.Worker.Training.Model;
-using FineTune.Worker.Training.Tokenizers;
+using FineTune.Domain.Tokenizers;
 
 // Besides running a worker node, the binary makes the demo's inputs (no download needed):
 //   FineTune.Worker make-tiny-model <dir>     a tiny random Llama-style model folder with its byte-level tokenizer

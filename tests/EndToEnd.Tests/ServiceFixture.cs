@@ -7,7 +7,7 @@ using System.Text.Json.Nodes;
 using FineTune.Domain.Tenants;
 using FineTune.Worker;
 using FineTune.Worker.Training.Model;
-using FineTune.Worker.Training.Tokenizers;
+using FineTune.Domain.Tokenizers;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Mvc.Testing;
 using Microsoft.Extensions.Hosting;

@@ -7,7 +7,7 @@ using FineTune.Domain.Methods;
 using FineTune.Worker.Torch;
 using FineTune.Worker.Training;
 using FineTune.Worker.Training.Data;
-using FineTune.Worker.Training.Tokenizers;
+using FineTune.Domain.Tokenizers;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 using Npgsql;

@@ -9,7 +9,7 @@ using FineTune.Worker.Torch.Optim;
 using FineTune.Worker.Training.Data;
 using FineTune.Worker.Training.Methods;
 using FineTune.Worker.Training.Model;
-using FineTune.Worker.Training.Tokenizers;
+using FineTune.Domain.Tokenizers;
 
 namespace FineTune.Worker.Training;
 

@@ -1,6 +1,6 @@
 using System.Text;
 using System.Text.Json.Nodes;
-using FineTune.Worker.Training.Tokenizers;
+using FineTune.Domain.Tokenizers;
 
 namespace FineTune.Worker.Tests.Tokenizers;
 

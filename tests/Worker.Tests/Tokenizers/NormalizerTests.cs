@@ -1,7 +1,7 @@
 using System.Security.Cryptography;
 using System.Text;
 using System.Text.Json.Nodes;
-using FineTune.Worker.Training.Tokenizers;
+using FineTune.Domain.Tokenizers;
 
 namespace FineTune.Worker.Tests.Tokenizers;
 

@@ -1,5 +1,5 @@
 using System.Text.Json;
-using FineTune.Worker.Training.Tokenizers;
+using FineTune.Domain.Tokenizers;
 
 namespace FineTune.Worker.Tests.Tokenizers;
 

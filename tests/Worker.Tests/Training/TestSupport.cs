@@ -2,7 +2,7 @@ using System.Text;
 using FineTune.Domain.Datasets;
 using FineTune.Worker.Torch;
 using FineTune.Worker.Training.Model;
-using FineTune.Worker.Training.Tokenizers;
+using FineTune.Domain.Tokenizers;
 
 namespace FineTune.Worker.Tests.Training;
 

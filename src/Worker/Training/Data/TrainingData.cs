@@ -1,5 +1,5 @@
 using FineTune.Domain.Datasets;
-using FineTune.Worker.Training.Tokenizers;
+using FineTune.Domain.Tokenizers;
 
 namespace FineTune.Worker.Training.Data;
 

@@ -1,7 +1,6 @@
-using FineTune.Domain.Datasets;
-using FineTune.Worker.Training.Tokenizers;
+using FineTune.Domain.Tokenizers;
 
-namespace FineTune.Worker.Training.Data;
+namespace FineTune.Domain.Datasets;
 
 /// <summary>One example as token ids, with labels aligned to the ids (the model shifts them): -100 where no loss is taken.</summary>
 public sealed record EncodedExample(int Line, int[] Ids, int[] Labels)

@@ -2,7 +2,7 @@ using System.Collections.Concurrent;
 using System.Text;
 using System.Text.Json;
 
-namespace FineTune.Worker.Training.Tokenizers;
+namespace FineTune.Domain.Tokenizers;
 
 /// <summary>
 /// The "BPE" model of a Hugging Face tokenizer.json, following tokenizers' <c>BPE::merge_word</c> and

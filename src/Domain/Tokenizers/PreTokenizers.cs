@@ -3,7 +3,7 @@ using System.Text;
 using System.Text.Json;
 using System.Text.RegularExpressions;
 
-namespace FineTune.Worker.Training.Tokenizers;
+namespace FineTune.Domain.Tokenizers;
 
 /// <summary>One step of tokenizers' pre-tokenization: each piece is split further (empty pieces are dropped by
 /// the caller, as <c>PreTokenizedString::split</c> does).</summary>

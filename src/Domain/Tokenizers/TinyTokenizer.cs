@@ -1,7 +1,7 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
 
-namespace FineTune.Worker.Training.Tokenizers;
+namespace FineTune.Domain.Tokenizers;
 
 /// <summary>
 /// The tokenizer of the project's tiny demo model: byte-level BPE without merges, so every UTF-8 byte is one token

@@ -1,6 +1,6 @@
 using System.Text.Json;
 
-namespace FineTune.Worker.Training.Tokenizers;
+namespace FineTune.Domain.Tokenizers;
 
 /// <summary>Loads a model folder's tokenizer: <c>tokenizer.json</c>, with BOS/EOS/pad names from
 /// <c>tokenizer_config.json</c> when present.</summary>

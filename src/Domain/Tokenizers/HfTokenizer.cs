@@ -1,7 +1,7 @@
 using System.Text;
 using System.Text.Json;
 
-namespace FineTune.Worker.Training.Tokenizers;
+namespace FineTune.Domain.Tokenizers;
 
 /// <summary>
 /// A Hugging Face <c>tokenizer.json</c> with a byte-level BPE model (GPT-2, Llama 3, Qwen2 and the like), encoding

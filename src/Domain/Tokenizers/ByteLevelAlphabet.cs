@@ -1,6 +1,6 @@
 using System.Text;
 
-namespace FineTune.Worker.Training.Tokenizers;
+namespace FineTune.Domain.Tokenizers;
 
 /// <summary>
 /// GPT-2's reversible byte ↔ character table: printable Latin-1 bytes map to themselves, the other 68 bytes to

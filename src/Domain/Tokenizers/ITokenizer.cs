@@ -1,4 +1,4 @@
-namespace FineTune.Worker.Training.Tokenizers;
+namespace FineTune.Domain.Tokenizers;
 
 /// <summary>Text ↔ token ids, as the model's Hugging Face tokenizer would do it.</summary>
 public interface ITokenizer

@@ -1,6 +1,6 @@
 using System.Text;
 
-namespace FineTune.Worker.Training.Tokenizers;
+namespace FineTune.Domain.Tokenizers;
 
 /// <summary>
 /// Canonical Unicode normalization (NFC, NFD) from our own tables: with InvariantGlobalization (set for the whole
