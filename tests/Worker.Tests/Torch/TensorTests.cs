@@ -32,27 +32,6 @@ public sealed class TensorTests
     }
 
     [Fact]
-    public void SeedingIsDeterministic()
-    {
-        using var scope = DisposeScope.Begin();
-        TorchApi.ManualSeed(123);
-        var a = Tensor.Randn([5]).ToArray<float>();
-        TorchApi.ManualSeed(123);
-        var b = Tensor.Randn([5]).ToArray<float>();
-        Assert.Equal(a, b);
-        using var g1 = new Generator(9);
-        using var g2 = new Generator(9);
-        Assert.Equal(Tensor.Rand([4], g1).ToArray<float>(), Tensor.Rand([4], g2).ToArray<float>());
-        Assert.Equal(Tensor.RandPerm(10, g1).ToArray<long>(), Tensor.RandPerm(10, g2).ToArray<long>());
-        Assert.Equal(9, g1.Seed);
-        var u = Tensor.Rand([1000], g1).ToArray<float>();
-        Assert.All(u, x => Assert.InRange(x, 0f, 1f));
-        var perm = Tensor.RandPerm(10, g1).ToArray<long>();
-        Assert.Equal(Enumerable.Range(0, 10).Select(i => (long)i), perm.Order());
-        Assert.All(Tensor.RandInt(3, 5, [100], g1).ToArray<long>(), x => Assert.InRange(x, 3, 4));
-    }
-
-    [Fact]
     public void CreationInfoAndReadBack()
     {
         using var scope = DisposeScope.Begin();
@@ -261,5 +240,32 @@ public sealed class OverheadTests(ITestOutputHelper output)
         output.WriteLine($"add of two 4-element tensors (create + dispose): {add:F2} µs/op; in scopes: {scoped:F2} µs/op; Dim query: {dim * 1000:F0} ns/op");
         using var sum = a + b;
         Assert.Equal([5f, 5, 5, 5], sum.ToArray<float>());
+    }
+}
+
+/// <summary>The global generator is process-wide: other test classes (training on the same device) reseed it, so the
+/// check that a reseed repeats the draws runs alone.</summary>
+[Collection("TorchSerial")]
+public sealed class GlobalSeedTests
+{
+    [Fact]
+    public void SeedingIsDeterministic()
+    {
+        using var scope = DisposeScope.Begin();
+        TorchApi.ManualSeed(123);
+        var a = Tensor.Randn([5]).ToArray<float>();
+        TorchApi.ManualSeed(123);
+        var b = Tensor.Randn([5]).ToArray<float>();
+        Assert.Equal(a, b);
+        using var g1 = new Generator(9);
+        using var g2 = new Generator(9);
+        Assert.Equal(Tensor.Rand([4], g1).ToArray<float>(), Tensor.Rand([4], g2).ToArray<float>());
+        Assert.Equal(Tensor.RandPerm(10, g1).ToArray<long>(), Tensor.RandPerm(10, g2).ToArray<long>());
+        Assert.Equal(9, g1.Seed);
+        var u = Tensor.Rand([1000], g1).ToArray<float>();
+        Assert.All(u, x => Assert.InRange(x, 0f, 1f));
+        var perm = Tensor.RandPerm(10, g1).ToArray<long>();
+        Assert.Equal(Enumerable.Range(0, 10).Select(i => (long)i), perm.Order());
+        Assert.All(Tensor.RandInt(3, 5, [100], g1).ToArray<long>(), x => Assert.InRange(x, 3, 4));
     }
 }
