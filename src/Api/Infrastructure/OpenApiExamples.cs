@@ -25,7 +25,7 @@ public static class OpenApiExampleExtensions
         where TBuilder : IEndpointConventionBuilder => builder.WithMetadata(new OpenApiExampleMetadata(request, response));
 }
 
-/// <summary>Puts each endpoint's <see cref="OpenApiExampleMetadata"/> on its request body and its first 2xx JSON response.</summary>
+/// <summary>Puts each endpoint's <see cref="OpenApiExampleMetadata"/> on its request body and its 2xx JSON responses.</summary>
 public sealed class EndpointExamplesFilter : IOperationFilter
 {
     public void Apply(OpenApiOperation operation, OperationFilterContext context)
@@ -35,12 +35,9 @@ public sealed class EndpointExamplesFilter : IOperationFilter
         if (meta.Request is not null && operation.RequestBody?.Content is { } body && body.TryGetValue("application/json", out var media))
             media.Example = JsonSerializer.SerializeToNode(meta.Request, meta.Request.GetType(), DomainJson.Options);
         if (meta.Response is not null && operation.Responses is not null)
-            foreach (var (code, response) in operation.Responses.OrderBy(r => r.Key, StringComparer.Ordinal))
+            foreach (var (code, response) in operation.Responses)
                 if (code.StartsWith('2') && response.Content is { } content && content.TryGetValue("application/json", out var json))
-                {
                     json.Example = JsonSerializer.SerializeToNode(meta.Response, meta.Response.GetType(), DomainJson.Options);
-                    break;
-                }
     }
 }
 
