@@ -35,12 +35,15 @@ public static class JsonBody
         catch (JsonException e)
         {
             var path = string.IsNullOrEmpty(e.Path) ? "$" : e.Path;
+            var missing = e.Message.Contains("missing required properties", StringComparison.Ordinal);
             var message = e.Message.Contains("could not be mapped", StringComparison.Ordinal) ? "unknown field"
-                : e.Message.Contains("missing required properties", StringComparison.Ordinal) ? "a required field is missing: " + Quoted(e.Message)
+                : missing ? "is required"
                 : e.Message.Contains("null", StringComparison.OrdinalIgnoreCase) ? "must not be null"
                 : e.Message.Contains("could not be converted", StringComparison.Ordinal) ? "has the wrong type"
                 : "is not valid JSON";
-            if (message == "unknown field" && Quoted(e.Message) is { Length: > 0 } name && !path.EndsWith(name, StringComparison.Ordinal))
+            // Messages about a member name it in quotes; the path then ends at its parent.
+            var named = missing ? e.Message[e.Message.IndexOf("including:", StringComparison.Ordinal)..] : e.Message;
+            if ((missing || message == "unknown field") && Quoted(named) is { Length: > 0 } name && !path.EndsWith(name, StringComparison.Ordinal))
                 path = path == "$" ? "$." + name : $"{path}.{name}";
             return (null, Invalid(path, message));
         }

@@ -113,7 +113,7 @@ public sealed class QuotaCheck(IOptions<StorageOptions> storage)
         }
         if (t.MaxStepsPerJob is null && t.MaxTokensPerJob is null) return null;
 
-        var train = datasets.First(d => d.Field == "trainingData").Path;
+        if (datasets.FirstOrDefault(d => d.Field == "trainingData").Path is not { } train) return null; // refused by validation already
         var hp = s.Hyperparameters;
         DatasetReadResult read;
         try { read = await Task.Run(() => DatasetReader.Read(train, keepExamples: t.MaxTokensPerJob is not null, cancellationToken: ct), ct); }

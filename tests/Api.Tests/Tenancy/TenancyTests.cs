@@ -42,6 +42,11 @@ public sealed class TenancyTests(ApiFactory api) : IClassFixture<ApiFactory>
         var unknownField = await admin.PostAsJsonAsync("/v1/tenants", new { name = "x", colour = "red" }, Ct);
         Assert.Equal(HttpStatusCode.BadRequest, unknownField.StatusCode);
         Assert.True((await unknownField.JsonAsync()).GetProperty("errors").TryGetProperty("colour", out _));
+        var noName = await admin.PostAsJsonAsync("/v1/tenants", new { quotas = new { maxRunningJobs = 1 } }, Ct);
+        Assert.Equal(HttpStatusCode.BadRequest, noName.StatusCode);
+        Assert.Equal(["is required"], (await noName.JsonAsync()).GetProperty("errors").GetProperty("name").EnumerateArray().Select(x => x.GetString()));
+        var wrongType = await admin.PostAsJsonAsync("/v1/tenants", new { name = "typed", quotas = new { maxRunningJobs = "two" } }, Ct);
+        Assert.True((await wrongType.JsonAsync()).GetProperty("errors").TryGetProperty("quotas.maxRunningJobs", out _));
 
         var created = await Ok(await admin.PostAsJsonAsync($"/v1/tenants/{tenantId}/keys", new { role = "member", name = "ci" }, Ct));
         var key = created.GetProperty("key").GetString()!;
