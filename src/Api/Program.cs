@@ -1,6 +1,8 @@
 using FineTune.Api.Endpoints;
 using FineTune.Api.Infrastructure;
 using FineTune.Api.Submission;
+using FineTune.Api.Tenancy;
+using FineTune.Api.Webhooks;
 using FineTune.Domain;
 using FineTune.Domain.Dispatch;
 using FineTune.Domain.Persistence;
@@ -27,8 +29,8 @@ builder.Services.ConfigureHttpJsonOptions(o =>
 });
 builder.Services.AddAuthentication(ApiKeyAuthenticationHandler.SchemeName)
     .AddScheme<AuthenticationSchemeOptions, ApiKeyAuthenticationHandler>(ApiKeyAuthenticationHandler.SchemeName, null);
-builder.Services.AddAuthorizationBuilder()
-    .AddPolicy(ApiKeyAuthenticationHandler.WritePolicy, p => p.RequireRole(Roles.Admin, Roles.Member));
+builder.Services.AddFineTuneAuthorization();
+builder.Services.AddFineTuneTenancy(builder.Configuration);
 builder.Services.AddProblemDetails().AddExceptionHandler<ProblemExceptionHandler>();
 builder.Services.AddHealthChecks().AddCheck<DatabaseReadyHealthCheck>("database", tags: ["ready"]);
 builder.Services.AddFineTuneOpenApi();
@@ -55,6 +57,8 @@ app.MapHealthChecks("/health/live", new HealthCheckOptions { Predicate = _ => fa
 app.MapHealthChecks("/health/ready", new HealthCheckOptions { Predicate = c => c.Tags.Contains("ready") });
 app.MapFineTunes();
 app.MapAdapters();
+app.MapTenancy();
+app.MapWebhooks();
 
 app.Run();
 

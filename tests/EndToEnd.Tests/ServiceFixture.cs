@@ -19,7 +19,7 @@ namespace FineTune.EndToEnd.Tests;
 /// The whole service on this machine: a fresh Postgres database, the API (in-process test server), worker nodes
 /// (in-process hosts, or real child processes for the crash test), a tiny model and a sample dataset on disk.
 /// </summary>
-public sealed class ServiceFixture : IAsyncLifetime
+public sealed class ServiceFixture(IReadOnlyDictionary<string, string>? extraSettings = null) : IAsyncLifetime
 {
     public static readonly string AdminConnectionString =
         Environment.GetEnvironmentVariable("FINETUNE_PG") ?? "Host=127.0.0.1;Port=55432;Username=postgres;Database=postgres";
@@ -59,7 +59,14 @@ public sealed class ServiceFixture : IAsyncLifetime
     }
 
     /// <summary>Configuration shared by the API and the workers; timings shortened so failover happens in seconds.</summary>
-    public Dictionary<string, string> Settings() => new()
+    public Dictionary<string, string> Settings()
+    {
+        var settings = BaseSettings();
+        foreach (var (key, value) in extraSettings ?? new Dictionary<string, string>()) settings[key] = value;
+        return settings;
+    }
+
+    private Dictionary<string, string> BaseSettings() => new()
     {
         ["ConnectionStrings:Postgres"] = ConnectionString,
         ["Storage:Root"] = Root,
@@ -76,9 +83,11 @@ public sealed class ServiceFixture : IAsyncLifetime
     };
 
     /// <summary>Starts a worker node inside the test process.</summary>
-    public async Task<IHost> StartWorkerAsync()
+    public async Task<IHost> StartWorkerAsync(IReadOnlyDictionary<string, string>? overrides = null)
     {
-        var args = Settings().Select(kv => $"--{kv.Key}={kv.Value}").ToArray();
+        var settings = Settings();
+        foreach (var (key, value) in overrides ?? new Dictionary<string, string>()) settings[key] = value;
+        var args = settings.Select(kv => $"--{kv.Key}={kv.Value}").ToArray();
         var host = WorkerHost.CreateBuilder(args).Build();
         await host.StartAsync();
         lock (_workers) _workers.Add(host);
@@ -99,6 +108,14 @@ public sealed class ServiceFixture : IAsyncLifetime
         process.BeginErrorReadLine();
         lock (_processes) _processes.Add(process);
         return process;
+    }
+
+    /// <summary>A client of the API authenticated with <paramref name="apiKey"/>.</summary>
+    public HttpClient ClientFor(string apiKey)
+    {
+        var client = _api!.CreateClient();
+        client.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", apiKey);
+        return client;
     }
 
     public async Task<JsonObject> SubmitAsync(object body, HttpStatusCode expected = HttpStatusCode.Accepted)

@@ -1,7 +1,7 @@
 using System.Text;
 using System.Text.Json;
 using FineTune.Api.Submission;
-using FineTune.Domain.Adapters;
+using FineTune.Domain.Dispatch;
 using FineTune.Domain.Jobs;
 using FineTune.Domain.Methods;
 
@@ -12,7 +12,7 @@ public sealed record JobDto(
     Guid Id, JobStatus Status, string Model, string TrainingData, string? ValidationData, MethodSpec Method,
     Hyperparameters Hyperparameters, string AdapterName, string Pool, string Priority, ProgressDto Progress,
     double? LastLoss, ErrorDto? Error, Guid? AdapterId, bool CancelRequested, int Attempt,
-    DateTimeOffset CreatedAt, DateTimeOffset? StartedAt, DateTimeOffset? FinishedAt)
+    DateTimeOffset CreatedAt, DateTimeOffset? StartedAt, DateTimeOffset? FinishedAt, QueueInfo? Queue = null)
 {
     public static JobDto From(FineTuneJob j) => new(
         j.Id, j.Status, j.Model, j.TrainingData, j.ValidationData, j.Method, j.Hyperparameters, j.AdapterName, j.Pool,
@@ -43,13 +43,6 @@ public sealed record JobMetricDto(int Step, double Loss, double LearningRate, do
 public sealed record JobCheckpointDto(int Step, string Sha256, long SizeBytes, DateTimeOffset At)
 {
     public static JobCheckpointDto From(JobCheckpoint c) => new(c.Step, c.Sha256, c.SizeBytes, c.At);
-}
-
-public sealed record AdapterDto(Guid Id, string Name, int Version, Guid? JobId, string Method, string BaseModel,
-    IReadOnlyList<AdapterFile> Files, IReadOnlyDictionary<string, object?> Metadata, DateTimeOffset CreatedAt, string DownloadUrl)
-{
-    public static AdapterDto From(Adapter a) => new(a.Id, a.Name, a.Version, a.JobId, a.MethodType, a.BaseModel, a.Files,
-        a.Metadata, a.CreatedAt, $"/v1/adapters/{a.Id}/download");
 }
 
 /// <summary>Opaque keyset cursor over (created_at, id), newest first.</summary>

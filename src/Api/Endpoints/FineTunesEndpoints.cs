@@ -3,6 +3,8 @@ using System.Runtime.CompilerServices;
 using System.Security.Claims;
 using FineTune.Api.Infrastructure;
 using FineTune.Api.Submission;
+using FineTune.Api.Tenancy;
+using FineTune.Domain.Audit;
 using FineTune.Domain.Dispatch;
 using FineTune.Domain.Jobs;
 using FineTune.Domain.Persistence;
@@ -24,19 +26,30 @@ public static class FineTunesEndpoints
             .Produces<JobDto>(StatusCodes.Status202Accepted).Produces<JobDto>(StatusCodes.Status200OK)
             .ProducesValidationProblem(StatusCodes.Status400BadRequest).ProducesValidationProblem(StatusCodes.Status422UnprocessableEntity)
             .ProducesProblem(StatusCodes.Status409Conflict).ProducesProblem(StatusCodes.Status413PayloadTooLarge)
+            .ProducesProblem(StatusCodes.Status429TooManyRequests)
             .WithName("CreateFineTune").WithSummary("Submit a fine-tune job")
             .WithDescription("Validates everything (JSON shape, ranges, the model's module shapes, the datasets) before storing the job, then queues it. "
-                + "With an Idempotency-Key header, resending the same body returns the same job and a different body answers 409.");
-        group.MapGet("/", List).WithName("ListFineTunes").WithSummary("List jobs, newest first, with cursor paging");
-        group.MapGet("/{id:guid}", Get).WithName("GetFineTune").WithSummary("Get a job");
+                + "With an Idempotency-Key header, resending the same body returns the same job and a different body answers 409. "
+                + "The tenant's quotas apply: a job too large for them (pool, priority, dataset bytes, steps, tokens) answers 422, a tenant over its "
+                + "queued-jobs or per-minute limit 429 with its usage; over its running-jobs limit the job is accepted and waits queued.")
+            .WithExamples(response: Examples.Job);
+        group.MapGet("/", List).WithName("ListFineTunes").WithSummary("List jobs, newest first, with cursor paging")
+            .WithExamples(response: new Page<JobDto>([Examples.Job], null));
+        group.MapGet("/{id:guid}", Get).WithName("GetFineTune")
+            .WithSummary("Get a job; a queued one carries its queue position, estimated start and what it waits for")
+            .WithExamples(response: Examples.Job);
         group.MapPost("/{id:guid}/cancel", Cancel).RequireAuthorization(ApiKeyAuthenticationHandler.WritePolicy)
             .WithName("CancelFineTune").WithSummary("Cancel a job")
-            .WithDescription("A queued job is cancelled at once (200); a running one is asked to stop (202, cancelRequested=true) and ends as cancelled shortly; a finished one answers 409.");
+            .WithDescription("A queued job is cancelled at once (200); a running one is asked to stop (202, cancelRequested=true) and ends as cancelled shortly; a finished one answers 409.")
+            .WithExamples(response: Examples.Job with { Status = JobStatus.Cancelled, CancelRequested = true, Queue = null, FinishedAt = Examples.At });
         group.MapGet("/{id:guid}/events", Events).WithName("GetFineTuneEvents")
             .Produces<List<JobEventDto>>(StatusCodes.Status200OK, "application/json", "text/event-stream")
-            .WithSummary("A job's events (JSON list, or a live stream with Accept: text/event-stream)");
-        group.MapGet("/{id:guid}/metrics", Metrics).WithName("GetFineTuneMetrics").WithSummary("Per-step training metrics");
-        group.MapGet("/{id:guid}/checkpoints", Checkpoints).WithName("GetFineTuneCheckpoints").WithSummary("Checkpoints written so far");
+            .WithSummary("A job's events (JSON list, or a live stream with Accept: text/event-stream)")
+            .WithExamples(response: new[] { new JobEventDto(7, Examples.At, "running", "Running on gpu-node-3:4121 (attempt 1).", null) });
+        group.MapGet("/{id:guid}/metrics", Metrics).WithName("GetFineTuneMetrics").WithSummary("Per-step training metrics")
+            .WithExamples(response: new[] { new JobMetricDto(50, 1.82, 2e-4, 10450, 61.3, 1.9, Examples.At) });
+        group.MapGet("/{id:guid}/checkpoints", Checkpoints).WithName("GetFineTuneCheckpoints").WithSummary("Checkpoints written so far")
+            .WithExamples(response: new[] { new JobCheckpointDto(200, "9a8b7c6d5e4f30211f2e3d4c5b6a79880a1b2c3d4e5f60718293a4b5c6d7e8f9", 25_165_824, Examples.At) });
         return group;
     }
 
@@ -55,7 +68,7 @@ public static class FineTunesEndpoints
     /// <summary>Submit a fine-tune job.</summary>
     /// <param name="idempotencyKey">Optional client key (at most 200 characters) that makes resubmission safe.</param>
     private static async Task<Results<Accepted<JobDto>, Ok<JobDto>, ProblemHttpResult>> Create(
-        HttpRequest http, ClaimsPrincipal user, SubmissionParser parser, FineTuneDbContext db, IJobDispatcher dispatcher,
+        HttpRequest http, ClaimsPrincipal user, SubmissionParser parser, QuotaCheck quotas, FineTuneDbContext db, IJobDispatcher dispatcher,
         ILoggerFactory loggers, [FromHeader(Name = "Idempotency-Key")] string? idempotencyKey, CancellationToken ct)
     {
         var log = loggers.CreateLogger("FineTune.Api.Submit");
@@ -73,6 +86,8 @@ public static class FineTunesEndpoints
         var (valid, invalid) = await parser.ValidateAsync(request!, hash!, ct);
         if (invalid is not null) return Problem(invalid);
         var s = valid!;
+        var quota = await db.Tenants.AsNoTracking().SingleAsync(t => t.Id == tenant, ct);
+        if (await quotas.CheckJobAsync(quota, s, ct) is { } tooLarge) return tooLarge;
         var job = new FineTuneJob
         {
             TenantId = tenant, Model = s.Request.Model, ModelPath = s.ModelPath, TrainingData = s.Request.TrainingData,
@@ -81,18 +96,28 @@ public static class FineTunesEndpoints
             IdempotencyKey = idempotencyKey, RequestHash = s.RequestHash,
         };
         job.Created();
-        db.Jobs.Add(job);
-        try
+        // The tenant's submits are serialised (an advisory lock for this transaction) so that the queue and rate
+        // limits are exact under concurrent submits.
+        await using (var tx = await db.Database.BeginTransactionAsync(ct))
         {
-            await db.SaveChangesAsync(ct);
-        }
-        catch (DbUpdateException e) when (idempotencyKey is not null
-            && e.InnerException is PostgresException { SqlState: PostgresErrorCodes.UniqueViolation })
-        {
-            // A concurrent submit with the same key won the insert: answer as a replay of it.
-            db.ChangeTracker.Clear();
-            if (await Replay(db, tenant, idempotencyKey, hash!, ct) is { } raced) return raced;
-            throw;
+            await db.Database.ExecuteSqlAsync($"SELECT pg_advisory_xact_lock(hashtextextended({"submit:" + tenant}, 0))", ct);
+            if (await QuotaCheck.CheckUsageAsync(db, http.HttpContext.Response, quota, ct) is { } overQuota) return overQuota;
+            db.Jobs.Add(job);
+            db.Audit(user, tenant, AuditActions.JobCreated, "job", job.Id, new { job.AdapterName, job.Pool, priority = s.Priority, method = job.Method.Type });
+            try
+            {
+                await db.SaveChangesAsync(ct);
+                await tx.CommitAsync(ct);
+            }
+            catch (DbUpdateException e) when (idempotencyKey is not null
+                && e.InnerException is PostgresException { SqlState: PostgresErrorCodes.UniqueViolation })
+            {
+                // A concurrent submit with the same key won the insert: answer as a replay of it.
+                await tx.RollbackAsync(ct);
+                db.ChangeTracker.Clear();
+                if (await Replay(db, tenant, idempotencyKey, hash!, ct) is { } raced) return raced;
+                throw;
+            }
         }
         using (log.BeginScope(new Dictionary<string, object> { ["JobId"] = job.Id }))
         {
@@ -122,7 +147,7 @@ public static class FineTunesEndpoints
     }
 
     private static async Task<Results<Ok<Page<JobDto>>, ProblemHttpResult>> List(
-        ClaimsPrincipal user, FineTuneDbContext db, string? status, int? limit, string? after, CancellationToken ct)
+        ClaimsPrincipal user, FineTuneDbContext db, NpgsqlDataSource dataSource, string? status, int? limit, string? after, CancellationToken ct)
     {
         var tenant = user.TenantId();
         var query = db.Jobs.AsNoTracking().Where(j => j.TenantId == tenant);
@@ -142,11 +167,20 @@ public static class FineTunesEndpoints
         var rows = await query.OrderByDescending(j => j.CreatedAt).ThenByDescending(j => j.Id).Take(take + 1).ToListAsync(ct);
         var page = rows.Take(take).ToList();
         var next = rows.Count > take ? Cursor.Encode(page[^1].CreatedAt, page[^1].Id) : null;
-        return TypedResults.Ok(new Page<JobDto>([.. page.Select(JobDto.From)], next));
+        return TypedResults.Ok(new Page<JobDto>(await WithQueueAsync(page, dataSource, ct), next));
     }
 
-    private static async Task<Results<Ok<JobDto>, ProblemHttpResult>> Get(Guid id, ClaimsPrincipal user, FineTuneDbContext db, CancellationToken ct) =>
-        await Find(db, user, id, ct) is { } job ? TypedResults.Ok(JobDto.From(job)) : NotFound(id);
+    private static async Task<Results<Ok<JobDto>, ProblemHttpResult>> Get(Guid id, ClaimsPrincipal user, FineTuneDbContext db,
+        NpgsqlDataSource dataSource, CancellationToken ct) =>
+        await Find(db, user, id, ct) is { } job ? TypedResults.Ok((await WithQueueAsync([job], dataSource, ct))[0]) : NotFound(id);
+
+    /// <summary>DTOs, with the queue position and estimated start of the queued ones (one ranking per pool).</summary>
+    private static async Task<List<JobDto>> WithQueueAsync(IReadOnlyList<FineTuneJob> jobs, NpgsqlDataSource dataSource, CancellationToken ct)
+    {
+        var pools = jobs.Where(j => j.Status == JobStatus.Queued).Select(j => j.Pool).ToList();
+        var queue = pools.Count == 0 ? [] : await FairQueue.EstimateAsync(dataSource, pools, ct);
+        return [.. jobs.Select(j => JobDto.From(j) with { Queue = queue.GetValueOrDefault(j.Id) })];
+    }
 
     private static async Task<Results<Ok<JobDto>, Accepted<JobDto>, ProblemHttpResult>> Cancel(
         Guid id, ClaimsPrincipal user, FineTuneDbContext db, IJobDispatcher dispatcher, ILoggerFactory loggers, CancellationToken ct)
@@ -162,6 +196,7 @@ public static class FineTunesEndpoints
             var running = job.Status == JobStatus.Running;
             if (running) job.RequestCancel();
             else job.Cancel("Cancelled by request before it started");
+            db.Audit(user, tenant, AuditActions.JobCancelled, "job", job.Id, new { wasRunning = running });
             try
             {
                 await db.SaveChangesAsync(ct);
@@ -173,7 +208,8 @@ public static class FineTunesEndpoints
             if (!running) return TypedResults.Ok(JobDto.From(job));
             try
             {
-                await dispatcher.InterruptAsync(job.Id, ct);
+                // The job runs under the Quartz firing that claimed it (see FairQueue), not necessarily its own key.
+                await dispatcher.InterruptAsync(job.DispatchKey ?? job.Id, ct);
             }
             catch (Exception e) when (e is not OperationCanceledException)
             {

@@ -58,10 +58,3 @@ public sealed class ApiKeyAuthenticationHandler(
     protected override Task HandleForbiddenAsync(AuthenticationProperties properties) =>
         TypedResults.Problem("This API key's role may not do this.", statusCode: 403, title: "Forbidden").ExecuteAsync(Context);
 }
-
-public static class TenantClaims
-{
-    public static Guid TenantId(this ClaimsPrincipal user) =>
-        Guid.Parse(user.FindFirstValue(ApiKeyAuthenticationHandler.TenantClaim)
-            ?? throw new InvalidOperationException("endpoint reached without an authenticated tenant"));
-}

@@ -20,7 +20,8 @@ public static class OpenApi
             c.SwaggerDoc("v1", new OpenApiInfo
             {
                 Title = "Fine-tune API", Version = "v1",
-                Description = "Submit LoRA/Bone fine-tunes of Llama-family models, follow them, download the adapters.",
+                Description = "Submit LoRA/Bone fine-tunes of Llama-family models, follow them, and pull the adapters from a per-task registry "
+                    + "(versions, aliases, lineage, ranged downloads). Tenants with quotas and fair sharing; signed webhooks; an audit log.",
             });
             c.AddSecurityDefinition("bearer", new OpenApiSecurityScheme
             {
@@ -35,6 +36,7 @@ public static class OpenApi
             foreach (var xml in new[] { "FineTune.Api.xml", "FineTune.Domain.xml" }.Select(f => Path.Combine(AppContext.BaseDirectory, f)).Where(File.Exists))
                 c.IncludeXmlComments(xml, includeControllerXmlComments: true);
             c.OperationFilter<SubmitExamples>();
+            c.OperationFilter<EndpointExamplesFilter>();
         });
         return services;
     }

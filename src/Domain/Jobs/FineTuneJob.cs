@@ -34,6 +34,9 @@ public sealed class FineTuneJob
     public string? LeaseOwner { get; private set; }
     /// <summary>Bumped by every claim; the runner fences each write on the generation it claimed.</summary>
     public long LeaseGeneration { get; private set; }
+    /// <summary>The Quartz firing (its job key) that runs the job now: a firing claims the best job of its pool, not
+    /// necessarily the one its key names, so cancel interrupts this key and recovery of the firing takes over this job.</summary>
+    public Guid? DispatchKey { get; private set; }
     public DateTimeOffset? HeartbeatAt { get; set; }
     public string? CheckpointPath { get; set; }
     public Guid? AdapterId { get; private set; }

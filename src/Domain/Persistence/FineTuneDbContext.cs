@@ -1,9 +1,11 @@
 using System.Text;
 using System.Text.Json;
 using FineTune.Domain.Adapters;
+using FineTune.Domain.Audit;
 using FineTune.Domain.Jobs;
 using FineTune.Domain.Methods;
 using FineTune.Domain.Tenants;
+using FineTune.Domain.Webhooks;
 using Microsoft.EntityFrameworkCore;
 using Microsoft.EntityFrameworkCore.ChangeTracking;
 using Microsoft.EntityFrameworkCore.Metadata.Builders;
@@ -23,6 +25,10 @@ public sealed class FineTuneDbContext(DbContextOptions<FineTuneDbContext> option
     public DbSet<Adapter> Adapters => Set<Adapter>();
     public DbSet<Tenant> Tenants => Set<Tenant>();
     public DbSet<ApiKey> ApiKeys => Set<ApiKey>();
+    public DbSet<AuditEvent> AuditEvents => Set<AuditEvent>();
+    public DbSet<AdapterAlias> AdapterAliases => Set<AdapterAlias>();
+    public DbSet<Webhook> Webhooks => Set<Webhook>();
+    public DbSet<WebhookDelivery> WebhookDeliveries => Set<WebhookDelivery>();
 
     protected override void OnModelCreating(ModelBuilder b)
     {
@@ -51,7 +57,22 @@ public sealed class FineTuneDbContext(DbContextOptions<FineTuneDbContext> option
             e.ToTable("adapters");
             Json(e.Property(a => a.Files));
             Json(e.Property(a => a.Metadata));
+            e.Property(a => a.Method).HasColumnType("jsonb");
+            e.Property(a => a.Hyperparameters).HasColumnType("jsonb");
             e.HasIndex(a => new { a.TenantId, a.Name, a.Version }).IsUnique();
+        });
+        b.Entity<AdapterAlias>(e => { e.ToTable("adapter_aliases"); e.HasKey(a => new { a.TenantId, a.Task, a.Alias }); });
+        b.Entity<AuditEvent>(e =>
+        {
+            e.ToTable("audit_events");
+            e.Property(a => a.Id).UseIdentityByDefaultColumn();
+            e.Property(a => a.Data).HasColumnType("jsonb");
+        });
+        b.Entity<Webhook>(e => e.ToTable("webhooks"));
+        b.Entity<WebhookDelivery>(e =>
+        {
+            e.ToTable("webhook_deliveries");
+            e.Property(d => d.AttemptLog).HasColumnType("jsonb");
         });
         b.Entity<Tenant>(e => { e.ToTable("tenants"); e.HasIndex(t => t.Name).IsUnique(); });
         b.Entity<ApiKey>(e => { e.ToTable("api_keys"); e.HasIndex(k => k.Prefix); });

@@ -8,6 +8,25 @@ public sealed class Tenant
     public Guid Id { get; init; } = Guid.CreateVersion7();
     public required string Name { get; init; }
     public DateTimeOffset CreatedAt { get; init; } = Jobs.Clock.Now();
+
+    // Quotas (null: unlimited). Running jobs are limited at dispatch (a job over the limit waits queued and starts
+    // once one of the tenant's jobs ends); the others are checked at submit.
+    /// <summary>Jobs of the tenant running at once, over all pools.</summary>
+    public int? MaxRunningJobs { get; set; }
+    /// <summary>Jobs of the tenant waiting in the queue; a submit beyond it answers 429.</summary>
+    public int? MaxQueuedJobs { get; set; }
+    /// <summary>Submissions accepted per sliding minute; beyond it 429 with Retry-After.</summary>
+    public int? MaxSubmissionsPerMinute { get; set; }
+    /// <summary>Pools the tenant may submit to (null: every configured pool).</summary>
+    public List<string>? AllowedPools { get; set; }
+    /// <summary>Training plus validation dataset bytes of one job.</summary>
+    public long? MaxDatasetBytes { get; set; }
+    /// <summary>Optimizer steps of one job (maxSteps, or epochs × examples / effective batch).</summary>
+    public int? MaxStepsPerJob { get; set; }
+    /// <summary>Training tokens of one job (tokens per epoch, truncated to maxSeqLength, × epochs).</summary>
+    public long? MaxTokensPerJob { get; set; }
+    /// <summary>Highest priority the tenant's jobs may ask for: low, normal or high.</summary>
+    public string MaxPriority { get; set; } = "high";
 }
 
 public sealed class ApiKey
@@ -19,6 +38,10 @@ public sealed class ApiKey
     /// <summary>Lowercase hex sha256 of the whole key; the key itself is never stored.</summary>
     public required string Hash { get; init; }
     public required string Role { get; init; }
+    /// <summary>A label for people ("ci", "serving").</summary>
+    public string? Name { get; init; }
+    /// <summary>The key that created this one (null: bootstrap).</summary>
+    public Guid? CreatedBy { get; init; }
     public DateTimeOffset CreatedAt { get; init; } = Jobs.Clock.Now();
     public DateTimeOffset? ExpiresAt { get; set; }
     public DateTimeOffset? RevokedAt { get; set; }
@@ -63,8 +86,13 @@ public static class ApiKeys
             && written == 32 && CryptographicOperations.FixedTimeEquals(presented, stored);
     }
 
-    public static ApiKey NewRecord(Guid tenantId, string key, string role, DateTimeOffset? expiresAt = null) =>
+    public static ApiKey NewRecord(Guid tenantId, string key, string role, DateTimeOffset? expiresAt = null,
+        string? name = null, Guid? createdBy = null) =>
         Roles.All.Contains(role)
-            ? new ApiKey { TenantId = tenantId, Prefix = PrefixOf(key), Hash = Hash(key), Role = role, ExpiresAt = expiresAt }
+            ? new ApiKey
+            {
+                TenantId = tenantId, Prefix = PrefixOf(key), Hash = Hash(key), Role = role, ExpiresAt = expiresAt,
+                Name = name, CreatedBy = createdBy,
+            }
             : throw new ArgumentException($"unknown role '{role}'", nameof(role));
 }

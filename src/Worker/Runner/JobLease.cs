@@ -1,4 +1,7 @@
 using System.Text.Json;
+using System.Text.Json.Nodes;
+using FineTune.Domain.Adapters;
+using FineTune.Domain.Dispatch;
 using FineTune.Domain.Jobs;
 using FineTune.Worker.Training;
 using Microsoft.Extensions.Logging;
@@ -33,37 +36,94 @@ public sealed class JobLease
     /// <summary>The API asked for cancellation (seen by the heartbeat).</summary>
     public bool CancelRequested { get; private set; }
 
-    public static async Task<JobLease?> TryAcquireAsync(NpgsqlDataSource db, Guid jobId, string node, bool recovering,
+    /// <summary>
+    /// Claims a job for the Quartz firing keyed <paramref name="dispatchKey"/> (a job id of the pool). Quartz is the
+    /// wake-up and the failover; which job runs is decided here, from our table, in one transaction under a
+    /// cluster-wide lock: (1) when Quartz recovers a dead node's firing, the job that firing was running is taken over;
+    /// (2) else a running job of the pool whose lease expired; (3) else the first admissible queued job in
+    /// <see cref="FairQueue"/> order (priority, fair share, age; tenants at their running-jobs quota skipped). The
+    /// claim is the same conditional update as ever, bumping <c>lease_generation</c>, so fencing is unchanged.
+    /// </summary>
+    public static async Task<JobLease?> TryClaimAsync(NpgsqlDataSource db, Guid dispatchKey, string node, bool recovering,
         TimeSpan leaseTimeout, CancellationToken ct)
     {
+        await using var conn = await db.OpenConnectionAsync(ct);
+        await using var tx = await conn.BeginTransactionAsync(ct);
+        string? pool;
+        await using (var poolCmd = new NpgsqlCommand("SELECT pool FROM fine_tune_jobs WHERE id = @key", conn, tx))
+        {
+            poolCmd.Parameters.AddWithValue("key", dispatchKey);
+            pool = await poolCmd.ExecuteScalarAsync(ct) as string;
+        }
+        if (pool is null) return null;
+        await using (var lockCmd = new NpgsqlCommand($"SELECT pg_advisory_xact_lock({FairQueue.ClaimLockKey})", conn, tx))
+            await lockCmd.ExecuteNonQueryAsync(ct);
+
+        async Task<Guid?> Pick(string sql)
+        {
+            await using var cmd = new NpgsqlCommand(sql, conn, tx);
+            cmd.Parameters.AddWithValue("key", dispatchKey);
+            cmd.Parameters.AddWithValue("pool", pool);
+            cmd.Parameters.AddWithValue("timeout", leaseTimeout);
+            return await cmd.ExecuteScalarAsync(ct) is Guid id ? id : null;
+        }
+        Guid? target = null;
+        var takeover = false;
+        if (recovering)
+        {
+            // Jobs claimed before dispatch keys existed ran under their own key.
+            target = await Pick("""
+                SELECT id FROM fine_tune_jobs WHERE status = 'running' AND NOT cancel_requested
+                   AND (dispatch_key = @key OR (dispatch_key IS NULL AND id = @key)) LIMIT 1
+                """);
+            takeover = target is not null;
+        }
+        target ??= await Pick("""
+            SELECT id FROM fine_tune_jobs
+             WHERE pool = @pool AND status = 'running' AND NOT cancel_requested
+               AND (heartbeat_at IS NULL OR heartbeat_at < now() - @timeout)
+             ORDER BY priority DESC, created_at LIMIT 1
+            """);
+        var fromRunning = target is not null;
+        target ??= await Pick(FairQueue.OrderedSql(filter: "admissible", limit: "1"));
+        if (target is null)
+        {
+            await tx.CommitAsync(ct);
+            return null;
+        }
+
         // A queued job is free. A running one is taken over when Quartz says it is recovering a dead node's firing,
-        // or when its lease has expired; a running job with a live lease is a duplicate firing and is left alone.
+        // or when its lease has expired; a running job with a live lease is left alone.
         const string sql = """
             UPDATE fine_tune_jobs SET status = 'running', lease_owner = @node, lease_generation = lease_generation + 1,
-                   heartbeat_at = now(), started_at = coalesce(started_at, now()), attempt = attempt + 1, updated_at = now()
+                   heartbeat_at = now(), started_at = coalesce(started_at, now()), attempt = attempt + 1, updated_at = now(),
+                   dispatch_key = @key
              WHERE id = @id AND NOT cancel_requested
                AND (status = 'queued'
-                    OR (status = 'running' AND (@recovering OR heartbeat_at IS NULL OR heartbeat_at < now() - @timeout)))
-            RETURNING tenant_id, model, model_path, training_data, validation_data, method::text, hyperparameters::text,
-                      adapter_name, attempt, lease_generation
+                    OR (status = 'running' AND (@takeover OR heartbeat_at IS NULL OR heartbeat_at < now() - @timeout)))
+            RETURNING tenant_id, model, model_path, training_data, validation_data, method::text,
+                      hyperparameters::text, adapter_name, attempt, lease_generation
             """;
-        await using var cmd = db.CreateCommand(sql);
-        cmd.Parameters.AddWithValue("id", jobId);
+        await using var cmd = new NpgsqlCommand(sql, conn, tx);
+        cmd.Parameters.AddWithValue("id", target.Value);
+        cmd.Parameters.AddWithValue("key", dispatchKey);
         cmd.Parameters.AddWithValue("node", node);
-        cmd.Parameters.AddWithValue("recovering", recovering);
+        cmd.Parameters.AddWithValue("takeover", takeover);
         cmd.Parameters.AddWithValue("timeout", leaseTimeout);
         JobRow job;
         long generation;
         await using (var r = await cmd.ExecuteReaderAsync(ct))
         {
             if (!await r.ReadAsync(ct)) return null;
-            job = new JobRow(jobId, r.GetGuid(0), r.GetString(1), r.GetString(2), r.GetString(3),
+            job = new JobRow(target.Value, r.GetGuid(0), r.GetString(1), r.GetString(2), r.GetString(3),
                 r.IsDBNull(4) ? null : r.GetString(4), r.GetString(5), r.GetString(6), r.GetString(7), r.GetInt32(8));
             generation = r.GetInt64(9);
         }
+        await tx.CommitAsync(ct);
         var lease = new JobLease(db, job, generation);
-        await lease.EventAsync(recovering ? "recovered" : "running",
-            $"Running on {node} (attempt {job.Attempt}{(recovering ? ", recovered after a node failure" : "")}).", ct);
+        var recovered = fromRunning;
+        await lease.EventAsync(recovered ? "recovered" : "running",
+            $"Running on {node} (attempt {job.Attempt}{(recovered ? ", recovered after a node failure" : "")}).", ct);
         return lease;
     }
 
@@ -201,8 +261,11 @@ public sealed class JobLease
         var adapterId = Guid.CreateVersion7();
         var methodType = JsonDocument.Parse(Job.MethodJson).RootElement.GetProperty("type").GetString() ?? "unknown";
         await using (var insert = new NpgsqlCommand("""
-            INSERT INTO adapters (id, tenant_id, name, version, job_id, method_type, base_model, path, files, metadata, created_at)
-            VALUES (@aid, @tenant, @name, @version, @id, @method, @base, @path, @files, @metadata, now());
+            INSERT INTO adapters (id, tenant_id, name, version, job_id, method_type, base_model, path, files, metadata, created_at,
+                                  method, hyperparameters, base_model_sha256, dataset_uri, dataset_sha256, validation_dataset_uri,
+                                  final_loss, final_validation_loss, size_bytes)
+            VALUES (@aid, @tenant, @name, @version, @id, @method, @base, @path, @files, @metadata, now(),
+                    @methodJson, @hyperJson, @baseSha, @dataset, @datasetSha, @validation, @finalLoss, @finalValidation, @size);
             UPDATE fine_tune_jobs SET status = 'succeeded', adapter_id = @aid, finished_at = now(), updated_at = now(),
                    step = @steps, last_loss = @loss, lease_owner = NULL
              WHERE id = @id AND lease_generation = @gen;
@@ -221,6 +284,17 @@ public sealed class JobLease
             p.AddWithValue("path", path);
             p.AddWithValue("files", NpgsqlDbType.Jsonb, JsonSerializer.Serialize(files, JsonOptions));
             p.AddWithValue("metadata", NpgsqlDbType.Jsonb, metadataJson);
+            // Lineage columns: what the registry searches by (metadata.json keeps the full record).
+            var meta = JsonNode.Parse(metadataJson);
+            p.AddWithValue("methodJson", NpgsqlDbType.Jsonb, Job.MethodJson);
+            p.AddWithValue("hyperJson", NpgsqlDbType.Jsonb, Job.HyperparametersJson);
+            p.AddWithValue("baseSha", NpgsqlDbType.Text, (object?)Lineage.BaseModelChecksum(meta) ?? DBNull.Value);
+            p.AddWithValue("dataset", Job.TrainingData);
+            p.AddWithValue("datasetSha", NpgsqlDbType.Text, (object?)meta?["dataset_sha256"]?.GetValue<string>() ?? DBNull.Value);
+            p.AddWithValue("validation", NpgsqlDbType.Text, (object?)Job.ValidationData ?? DBNull.Value);
+            p.AddWithValue("finalLoss", NpgsqlDbType.Double, (object?)Lineage.Number(meta, "final_loss") ?? DBNull.Value);
+            p.AddWithValue("finalValidation", NpgsqlDbType.Double, (object?)Lineage.Number(meta, "final_validation_loss") ?? DBNull.Value);
+            p.AddWithValue("size", files.Sum(f => f.Size));
             p.AddWithValue("steps", (int)result.Steps);
             p.AddWithValue("loss", result.FinalLoss);
             p.AddWithValue("message", $"Adapter {Job.AdapterName} v{version} published ({files.Count} files); final loss {result.FinalLoss:F4}.");

@@ -33,15 +33,30 @@ public sealed class JobRunner(
     private readonly WorkerOptions _options = options.Value;
     private readonly string _node = options.Value.NodeName ?? $"{Environment.MachineName}:{Environment.ProcessId}";
 
-    public async Task RunAsync(Guid jobId, bool recovering, CancellationToken ct)
+    /// <summary>
+    /// Runs the firing keyed <paramref name="dispatchKey"/>: claims the best job of the pool (see
+    /// <see cref="JobLease.TryClaimAsync"/>), runs it, and claims again until the pool has nothing this slot may start,
+    /// so a slot that frees starts the next job (a tenant's job waiting on its running quota included) without waiting
+    /// for a Quartz trigger.
+    /// </summary>
+    public async Task RunAsync(Guid dispatchKey, bool recovering, CancellationToken ct)
     {
-        using var scope = log.BeginScope(new Dictionary<string, object> { ["JobId"] = jobId });
-        var lease = await JobLease.TryAcquireAsync(db, jobId, _node, recovering, _options.LeaseTimeout, ct);
-        if (lease is null)
+        for (var first = true; !ct.IsCancellationRequested; first = false)
         {
-            log.LogInformation("Job {JobId} is not runnable here (finished, cancelled or leased by a live node)", jobId);
-            return;
+            var lease = await JobLease.TryClaimAsync(db, dispatchKey, _node, recovering && first, _options.LeaseTimeout, ct);
+            if (lease is null)
+            {
+                if (first) log.LogInformation("Firing {DispatchKey}: no job of its pool is runnable now", dispatchKey);
+                return;
+            }
+            await RunLeasedAsync(lease, ct);
         }
+    }
+
+    private async Task RunLeasedAsync(JobLease lease, CancellationToken ct)
+    {
+        var jobId = lease.Job.Id;
+        using var scope = log.BeginScope(new Dictionary<string, object> { ["JobId"] = jobId });
         log.LogInformation("Job {JobId} leased by {Node} (generation {Generation}, attempt {Attempt})",
             jobId, _node, lease.Generation, lease.Job.Attempt);
 
