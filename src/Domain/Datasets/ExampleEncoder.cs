@@ -71,8 +71,18 @@ public static class ExampleEncoder
         {
             var text = string.Concat(segments.Select(s => s.Text));
             var whole = tokenizer.Encode(text);
-            // The first token of each segment whose loss differs from the one before; a token straddling the boundary
-            // goes to the later segment.
+            // Usually (byte-level BPE, turns that start after special tokens or newlines) the segments tokenize to the
+            // same ids one by one; then each id's loss is its segment's.
+            var parts = segments.Select(s => tokenizer.Encode(s.Text)).ToList();
+            if (parts.Sum(p => p.Length) == whole.Length && parts.SelectMany(p => p).SequenceEqual(whole))
+            {
+                for (var i = 0; i < parts.Count; i++)
+                    foreach (var id in parts[i]) AddId(id, segments[i].Loss);
+                return;
+            }
+            // Otherwise (SentencePiece's ▁ before an answer, merges across a boundary) find the first token of each
+            // segment whose loss differs from the one before by encoding the text up to it; a token straddling the
+            // boundary goes to the later segment.
             var starts = new List<(int Token, bool Loss)>();
             var offset = 0;
             bool? previous = null;
