@@ -48,8 +48,9 @@ def main():
             peft_type = json.load(open(os.path.join(adapter, "adapter_config.json")))["peft_type"]
             native = load_logits(os.path.join(ours, name, m["logits"]))
             if peft_type not in known_types:
-                not_loadable.append(f"{m['type']} ({peft_type}): PEFT {peft.__version__} has no such type; our own format, checked through lora/")
-                rows.append((name, m["type"], "native", peft_type, "-", "own format"))
+                not_loadable.append(f"{m['type']} ({peft_type}): PEFT {peft.__version__} has no such type (our own format, or a "
+                                    "type newer than this PEFT); checked through lora/")
+                rows.append((name, m["type"], "native", peft_type, "-", f"not a type of PEFT {peft.__version__}"))
             else:
                 try:
                     rel, _ = relative_error(native, peft_logits(model_dir, adapter, ids, device))
