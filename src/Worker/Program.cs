@@ -2,12 +2,16 @@ using FineTune.Worker;
 using Microsoft.Extensions.Hosting;
 using FineTune.Worker.Training.Model;
 using FineTune.Domain.Tokenizers;
+using FineTune.Worker.Tools;
 
 // Besides running a worker node, the binary makes the demo's inputs (no download needed):
 //   FineTune.Worker make-tiny-model <dir>     a tiny random Llama-style model folder with its byte-level tokenizer
 //   FineTune.Worker make-sample-data <file>   a small prompt/completion JSONL dataset
+//   FineTune.Worker parity ...                our logits and adapters for tests/parity/ (Tools/ParityCommand.cs)
 switch (args)
 {
+    case ["parity", .. var rest]:
+        return ParityCommand.Run(rest);
     case ["make-tiny-model", var dir]:
         TinyModel.Write(dir, seed: 1234);
         TinyTokenizer.WriteFiles(dir);
@@ -18,7 +22,7 @@ switch (args)
         Console.WriteLine($"sample dataset written to {Path.GetFullPath(file)}");
         return 0;
     case [var verb, ..] when !verb.StartsWith('-'):
-        Console.Error.WriteLine($"unknown command '{verb}'. Commands: make-tiny-model <dir>, make-sample-data <file>; no command runs the worker node.");
+        Console.Error.WriteLine($"unknown command '{verb}'. Commands: make-tiny-model <dir>, make-sample-data <file>, {ParityCommand.Usage}; no command runs the worker node.");
         return 2;
 }
 

@@ -29,11 +29,37 @@ public sealed record ModelConfig
     [JsonPropertyName("eos_token_id")] public JsonElement? EosTokenId { get; init; }
     [JsonPropertyName("pad_token_id")] public int? PadTokenId { get; init; }
     [JsonPropertyName("rope_scaling")] public RopeScaling? RopeScaling { get; init; }
+    /// <summary>transformers ≥ 5 writes rope_theta and the scaling together as <c>rope_parameters</c>.</summary>
+    [JsonPropertyName("rope_parameters")] public RopeScaling? RopeParameters { get; init; }
+    [JsonPropertyName("sliding_window")] public int? SlidingWindow { get; init; }
+    [JsonPropertyName("use_sliding_window")] public bool? UseSlidingWindow { get; init; }
 
     [JsonIgnore] public int KvHeads => NumKeyValueHeads ?? NumAttentionHeads;
     [JsonIgnore] public int HeadDim => HeadDimOverride ?? HiddenSize / NumAttentionHeads;
     /// <summary>Qwen2 has biases on q, k and v whatever <c>attention_bias</c> says.</summary>
     [JsonIgnore] public bool QkvBias => AttentionBias || ModelType == "qwen2";
+    /// <summary>θ of the rotary embedding: rope_parameters.rope_theta when given, else rope_theta.</summary>
+    [JsonIgnore] public double EffectiveRopeTheta => RopeParameters?.RopeTheta ?? RopeTheta;
+    /// <summary>The rope scaling in force: rope_scaling, else a non-default rope_parameters.</summary>
+    [JsonIgnore] public RopeScaling? EffectiveRopeScaling => RopeScaling ?? (RopeParameters is { Kind: not "default" } p ? p : null);
+    /// <summary>
+    /// The attention window in force: Mistral's sliding_window; Qwen2's only with use_sliding_window (off in the
+    /// released models). Within the window the sliding mask equals the causal one, so sequences up to it are exact
+    /// with plain causal attention (transformers' sdpa and eager paths give the same logits there); longer ones are
+    /// refused (<see cref="SequenceLengthProblem"/>) instead of silently attending past the window.
+    /// </summary>
+    [JsonIgnore] public int? EffectiveSlidingWindow => ModelType switch
+    {
+        "qwen2" => UseSlidingWindow == true ? SlidingWindow : null,
+        "mistral" => SlidingWindow,
+        _ => null,
+    };
+
+    /// <summary>Why sequences of <paramref name="maxSeqLength"/> tokens cannot be trained on this model, or null.</summary>
+    public string? SequenceLengthProblem(int maxSeqLength) =>
+        EffectiveSlidingWindow is { } w && maxSeqLength > w
+            ? $"maxSeqLength {maxSeqLength} exceeds the model's sliding_window {w}; sliding-window attention is not implemented, so sequences must fit in the window"
+            : null;
 
     public static readonly string[] SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
@@ -61,7 +87,7 @@ public sealed record ModelConfig
             yield return "hidden_size must be a multiple of num_attention_heads";
         if (KvHeads <= 0 || NumAttentionHeads % KvHeads != 0)
             yield return "num_attention_heads must be a multiple of num_key_value_heads";
-        if (RopeScaling is { } rs)
+        if (EffectiveRopeScaling is { } rs)
         {
             if (!RopeScaling.SupportedKinds.Contains(rs.Kind))
                 yield return $"unsupported rope_scaling type '{rs.Kind}'; supported: {string.Join(", ", RopeScaling.SupportedKinds)}";
@@ -101,6 +127,8 @@ public sealed record RopeScaling
     [JsonPropertyName("low_freq_factor")] public double LowFreqFactor { get; init; } = 1.0;
     [JsonPropertyName("high_freq_factor")] public double HighFreqFactor { get; init; } = 4.0;
     [JsonPropertyName("original_max_position_embeddings")] public int? OriginalMaxPositionEmbeddings { get; init; }
+    /// <summary>Only in transformers ≥ 5's rope_parameters.</summary>
+    [JsonPropertyName("rope_theta")] public double? RopeTheta { get; init; }
 
     [JsonIgnore] public string Kind => RopeType ?? Type ?? "default";
     public static readonly string[] SupportedKinds = ["default", "linear", "llama3"];

@@ -12,6 +12,7 @@ namespace FineTune.Domain.Tokenizers;
 internal sealed class BpeModel
 {
     private const int CacheCapacity = 10_000;
+    private const int MaxCachedWordLength = 256;
 
     private readonly Dictionary<string, int> _vocab;
     private readonly Dictionary<int, string> _idToToken;
@@ -117,6 +118,12 @@ internal sealed class BpeModel
         if (_ignoreMerges && _vocab.TryGetValue(word, out var whole))
         {
             output.Add(whole);
+            return;
+        }
+        // SentencePiece-style tokenizers without a pre-tokenizer hand whole texts here: those are not worth caching.
+        if (word.Length > MaxCachedWordLength)
+        {
+            output.AddRange(MergeWord(word));
             return;
         }
         if (!_cache.TryGetValue(word, out var ids))

@@ -4,9 +4,11 @@ using System.Text.Json;
 namespace FineTune.Domain.Tokenizers;
 
 /// <summary>
-/// A Hugging Face <c>tokenizer.json</c> with a byte-level BPE model (GPT-2, Llama 3, Qwen2 and the like), encoding
-/// as the <c>tokenizers</c> library does: added tokens are split out first (leftmost, longest), the rest is
-/// normalized, pre-tokenized and merged by BPE rank; the post-processor adds BOS/EOS on request.
+/// A Hugging Face <c>tokenizer.json</c> with a BPE model, encoding as the <c>tokenizers</c> library does: added tokens
+/// are split out first (leftmost, longest), the rest is normalized, pre-tokenized and merged by BPE rank; the
+/// post-processor adds BOS/EOS on request. Covers byte-level BPE (GPT-2, Llama 3, Qwen2) and SentencePiece-style BPE
+/// with byte fallback (Llama 2, Mistral, TinyLlama: Prepend/Replace normalizers or a Metaspace pre-tokenizer,
+/// <c>&lt;0xNN&gt;</c> byte tokens, ByteFallback/Fuse/Strip decoders).
 /// </summary>
 public sealed class HfTokenizer : ITokenizer
 {
@@ -15,17 +17,17 @@ public sealed class HfTokenizer : ITokenizer
     private readonly Func<string, string>? _normalization;
     private readonly PreTokenizer? _preTokenizer;
     private readonly PostProcessor? _postProcessor;
-    private readonly bool _byteLevelDecoder;
+    private readonly Decoder? _decoder;
 
     private HfTokenizer(BpeModel model, AddedTokens added, Func<string, string>? normalization, PreTokenizer? preTokenizer,
-        PostProcessor? postProcessor, bool byteLevelDecoder, string? bosToken, string? eosToken, string? padToken)
+        PostProcessor? postProcessor, Decoder? decoder, string? bosToken, string? eosToken, string? padToken)
     {
         _model = model;
         _added = added;
         _normalization = normalization;
         _preTokenizer = preTokenizer;
         _postProcessor = postProcessor;
-        _byteLevelDecoder = byteLevelDecoder;
+        _decoder = decoder;
         VocabSize = Math.Max(model.MaxId, added.MaxId) + 1;
         BosId = Resolve(bosToken, "bos_token");
         EosId = Resolve(eosToken, "eos_token");
@@ -44,6 +46,7 @@ public sealed class HfTokenizer : ITokenizer
     /// <summary>The pad token's id; without one, EOS, then BOS, then 0 (padded positions are masked anyway).</summary>
     public int PadId { get; }
     public bool HasPadToken { get; }
+    public ChatTemplate? ChatTemplate { get; internal set; }
 
     public static HfTokenizer FromFile(string tokenizerJsonPath, string? bosToken = null, string? eosToken = null,
         string? padToken = null)
@@ -86,12 +89,12 @@ public sealed class HfTokenizer : ITokenizer
                     (modelType is "Unigram" ? "; SentencePiece Unigram tokenizers are not supported yet)" : ")"));
             var model = BpeModel.FromJson(modelEl);
 
-            var normalization = ReadNormalizer(root.TryGetProperty("normalizer", out var n) ? n : default);
+            var normalization = Normalizers.FromJson(root.TryGetProperty("normalizer", out var n) ? n : default);
             var pre = root.TryGetProperty("pre_tokenizer", out var p) ? PreTokenizer.FromJson(p) : null;
             var post = root.TryGetProperty("post_processor", out var pp) ? PostProcessor.FromJson(pp, model) : null;
-            var byteLevelDecoder = ReadDecoder(root.TryGetProperty("decoder", out var d) ? d : default);
+            var decoder = Decoder.FromJson(root.TryGetProperty("decoder", out var d) ? d : default);
             var added = AddedTokens.FromJson(root.TryGetProperty("added_tokens", out var a) ? a : default, normalization);
-            return new HfTokenizer(model, added, normalization, pre, post, byteLevelDecoder, bosToken, eosToken, padToken);
+            return new HfTokenizer(model, added, normalization, pre, post, decoder, bosToken, eosToken, padToken);
         }
     }
 
@@ -100,22 +103,28 @@ public sealed class HfTokenizer : ITokenizer
         ArgumentNullException.ThrowIfNull(text);
         text = ReplaceLoneSurrogates(text);
         var ids = new List<int>();
+        var rawOffset = 0;
         foreach (var (raw, rawId) in _added.Split(text, normalized: false))
         {
+            var rawAtStart = rawOffset == 0;
+            rawOffset += raw.Length;
             if (rawId is { } id)
             {
                 ids.Add(id);
                 continue;
             }
             var normalized = _normalization is { } normalize ? normalize(raw) : raw;
+            var offset = 0;
             foreach (var (piece, pieceId) in _added.Split(normalized, normalized: true))
             {
+                var atStart = rawAtStart && offset == 0;
+                offset += piece.Length;
                 if (pieceId is { } id2)
                 {
                     ids.Add(id2);
                     continue;
                 }
-                foreach (var word in PreTokenizer.Run(_preTokenizer, piece))
+                foreach (var word in PreTokenizer.Run(_preTokenizer, piece, atStart))
                     _model.Tokenize(word, ids);
             }
         }
@@ -139,24 +148,7 @@ public sealed class HfTokenizer : ITokenizer
                 if (!(skipSpecialTokens && _added.IsSpecial(t))) tokens.Add(t);
             }
         }
-        if (!_byteLevelDecoder) return string.Join(' ', tokens);
-
-        var bytes = new List<byte>();
-        foreach (var t in tokens)
-        {
-            var start = bytes.Count;
-            var mapped = true;
-            foreach (var c in t)
-            {
-                if (ByteLevelAlphabet.TryCharToByte(c, out var b)) bytes.Add(b);
-                else { mapped = false; break; }
-            }
-            if (mapped) continue;
-            // A token with a character outside the byte table (e.g. an added token with a space) is taken as text.
-            bytes.RemoveRange(start, bytes.Count - start);
-            bytes.AddRange(Encoding.UTF8.GetBytes(t));
-        }
-        return Encoding.UTF8.GetString(bytes.ToArray());
+        return _decoder is null ? string.Join(' ', tokens) : string.Concat(_decoder.DecodeChain(tokens));
     }
 
     /// <summary>The pieces the normalizer and pre-tokenizer make of <paramref name="text"/> (added tokens are not
@@ -172,40 +164,6 @@ public sealed class HfTokenizer : ITokenizer
 
     /// <summary>The token text of an id (vocab or added token), or null.</summary>
     public string? IdToToken(int id) => _added.ById(id)?.Content ?? _model.IdToToken(id);
-
-    private static Func<string, string>? ReadNormalizer(JsonElement el)
-    {
-        if (el.ValueKind is JsonValueKind.Undefined or JsonValueKind.Null) return null;
-        var type = Json.Type(el, "normalizer");
-        if (type == "Sequence" && el.TryGetProperty("normalizers", out var list) && list.ValueKind == JsonValueKind.Array)
-        {
-            var forms = list.EnumerateArray().Select(ReadNormalizer).Where(f => f is not null).ToList();
-            if (forms.Count > 1)
-                throw new TokenizerException("tokenizer.json: a Sequence of several Unicode normalizers is not supported");
-            return forms.SingleOrDefault();
-        }
-        return type switch
-        {
-            "NFC" => UnicodeNormalizer.Nfc,
-            "NFD" => UnicodeNormalizer.Nfd,
-            _ => throw new TokenizerException(
-                $"tokenizer.json: the normalizer \"{type}\" is not supported (supported: none, NFC, NFD" +
-                (type is "Precompiled" or "Prepend" or "Replace" ? "; SentencePiece-style tokenizers are not supported yet)" : ")")),
-        };
-    }
-
-    private static bool ReadDecoder(JsonElement el)
-    {
-        if (el.ValueKind is JsonValueKind.Undefined or JsonValueKind.Null) return false;
-        var type = Json.Type(el, "decoder");
-        return type switch
-        {
-            "ByteLevel" => true,
-            _ => throw new TokenizerException(
-                $"tokenizer.json: the decoder \"{type}\" is not supported (supported: ByteLevel" +
-                (type is "Metaspace" or "Sequence" ? "; SentencePiece-style tokenizers are not supported yet)" : ")")),
-        };
-    }
 
     // Rust strings cannot hold lone surrogates; the UTF-8 the HF library would see has U+FFFD in their place.
     private static string ReplaceLoneSurrogates(string text)

@@ -14,4 +14,8 @@ public interface ITokenizer
     string Decode(ReadOnlySpan<int> ids, bool skipSpecialTokens = false);
     /// <summary>Id of a special/added token, or null.</summary>
     int? TokenToId(string token);
+    /// <summary>The token text of an id (e.g. "&lt;s&gt;" for BOS), or null.</summary>
+    string? IdToToken(int id) => null;
+    /// <summary>The model's chat format (tokenizer_config.json's chat_template), or null for the default (ChatML).</summary>
+    ChatTemplate? ChatTemplate => null;
 }

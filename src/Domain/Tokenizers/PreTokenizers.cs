@@ -5,11 +5,15 @@ using System.Text.RegularExpressions;
 
 namespace FineTune.Domain.Tokenizers;
 
+/// <summary>A pre-token; <paramref name="AtStart"/>: it begins at offset 0 of the original text (Metaspace's
+/// <c>prepend_scheme: first</c> prepends ▁ to that piece only).</summary>
+internal readonly record struct Piece(string Text, bool AtStart);
+
 /// <summary>One step of tokenizers' pre-tokenization: each piece is split further (empty pieces are dropped by
 /// the caller, as <c>PreTokenizedString::split</c> does).</summary>
 internal abstract class PreTokenizer
 {
-    public abstract void Split(string piece, List<string> output);
+    public abstract void Split(string piece, bool atStart, List<Piece> output);
 
     public static PreTokenizer? FromJson(JsonElement el)
     {
@@ -24,6 +28,11 @@ internal abstract class PreTokenizer
             case "Digits":
                 return new SplitPreTokenizer(new Regex(@"\p{N}", RegexOptions.CultureInvariant),
                     Json.Bool(el, "individual_digits", false) ? SplitBehavior.Isolated : SplitBehavior.Contiguous, false);
+            case "Metaspace":
+            {
+                var (replacement, scheme, split) = MetaspacePreTokenizer.ReadOptions(el, "pre_tokenizer");
+                return new MetaspacePreTokenizer(replacement, scheme, split);
+            }
             case "Sequence":
                 if (!el.TryGetProperty("pretokenizers", out var list) || list.ValueKind != JsonValueKind.Array)
                     throw new TokenizerException("tokenizer.json: Sequence pre_tokenizer has no \"pretokenizers\" array");
@@ -31,36 +40,77 @@ internal abstract class PreTokenizer
                     ?? throw new TokenizerException("tokenizer.json: null inside a Sequence pre_tokenizer"))]);
             default:
                 throw new TokenizerException(
-                    $"tokenizer.json: the pre_tokenizer \"{type}\" is not supported (supported: ByteLevel, Split, Digits, Sequence" +
-                    (type == "Metaspace" ? "; SentencePiece-style tokenizers are not supported yet)" : ")"));
+                    $"tokenizer.json: the pre_tokenizer \"{type}\" is not supported (supported: ByteLevel, Split, Digits, Metaspace, Sequence)");
         }
     }
 
-    public static List<string> Run(PreTokenizer? p, string text)
+    public static List<string> Run(PreTokenizer? p, string text, bool atStart = true)
     {
         // tokenizers drops empty splits before pre-tokenizing, so "" never becomes a prefix space.
         if (text.Length == 0) return [];
         if (p is null) return [text];
-        var output = new List<string>();
-        p.Split(text, output);
-        output.RemoveAll(s => s.Length == 0);
-        return output;
+        var output = new List<Piece>();
+        p.Split(text, atStart, output);
+        return [.. output.Where(x => x.Text.Length > 0).Select(x => x.Text)];
     }
 }
 
 internal sealed class SequencePreTokenizer(PreTokenizer[] steps) : PreTokenizer
 {
-    public override void Split(string piece, List<string> output)
+    public override void Split(string piece, bool atStart, List<Piece> output)
     {
-        List<string> pieces = [piece];
+        List<Piece> pieces = [new(piece, atStart)];
         foreach (var step in steps)
         {
-            var next = new List<string>();
-            foreach (var p in pieces) step.Split(p, next);
-            next.RemoveAll(s => s.Length == 0);
+            var next = new List<Piece>();
+            foreach (var p in pieces) step.Split(p.Text, p.AtStart, next);
+            next.RemoveAll(s => s.Text.Length == 0);
             pieces = next;
         }
         output.AddRange(pieces);
+    }
+}
+
+internal enum PrependScheme { Always, Never, First }
+
+/// <summary>
+/// SentencePiece-style pre-tokenization: spaces become ▁ (U+2581), a ▁ is prepended (always, never, or only to the
+/// piece at the very start of the text), then the piece is split before each ▁ unless <c>split</c> is false.
+/// </summary>
+internal sealed class MetaspacePreTokenizer(char replacement, PrependScheme scheme, bool split) : PreTokenizer
+{
+    private readonly SplitPreTokenizer _splitter = new(
+        new Regex(Regex.Escape(replacement.ToString()), RegexOptions.CultureInvariant), SplitBehavior.MergedWithNext, false);
+
+    public override void Split(string piece, bool atStart, List<Piece> output)
+    {
+        var s = piece.Replace(' ', replacement);
+        var prepend = scheme == PrependScheme.Always || (scheme == PrependScheme.First && atStart);
+        if (prepend && !s.StartsWith(replacement)) s = replacement + s;
+        if (split) _splitter.Split(s, atStart, output);
+        else output.Add(new Piece(s, atStart));
+    }
+
+    /// <summary>Options as tokenizers reads them: <c>prepend_scheme</c> (default always), the older
+    /// <c>add_prefix_space: false</c> meaning never, <c>split</c> (default true).</summary>
+    public static (char Replacement, PrependScheme Scheme, bool Split) ReadOptions(JsonElement el, string what)
+    {
+        var replacement = Json.String(el, "replacement") is { Length: 1 } r ? r[0]
+            : throw new TokenizerException($"tokenizer.json: Metaspace {what} needs a one-character \"replacement\"");
+        var scheme = Json.String(el, "prepend_scheme") switch
+        {
+            null or "always" => PrependScheme.Always,
+            "never" => PrependScheme.Never,
+            "first" => PrependScheme.First,
+            var other => throw new TokenizerException($"tokenizer.json: Metaspace prepend_scheme \"{other}\" is not known"),
+        };
+        if (el.TryGetProperty("add_prefix_space", out var add) && add.ValueKind == JsonValueKind.False)
+        {
+            if (scheme != PrependScheme.Never && Json.String(el, "prepend_scheme") is not null)
+                throw new TokenizerException("tokenizer.json: Metaspace add_prefix_space does not match prepend_scheme");
+            scheme = PrependScheme.Never;
+        }
+        return (replacement, scheme, Json.Bool(el, "split", true));
     }
 }
 
@@ -72,17 +122,17 @@ internal sealed class ByteLevelPreTokenizer(bool addPrefixSpace, bool useRegex) 
 
     private static readonly SplitPreTokenizer Gpt2Split = new(Gpt2, SplitBehavior.Isolated, false);
 
-    public override void Split(string piece, List<string> output)
+    public override void Split(string piece, bool atStart, List<Piece> output)
     {
         if (addPrefixSpace && !piece.StartsWith(' ')) piece = " " + piece;
         if (!useRegex)
         {
-            output.Add(ByteLevelAlphabet.Encode(piece));
+            output.Add(new Piece(ByteLevelAlphabet.Encode(piece), atStart));
             return;
         }
-        var pieces = new List<string>();
-        Gpt2Split.Split(piece, pieces);
-        foreach (var p in pieces) output.Add(ByteLevelAlphabet.Encode(p));
+        var pieces = new List<Piece>();
+        Gpt2Split.Split(piece, atStart, pieces);
+        foreach (var p in pieces) output.Add(p with { Text = ByteLevelAlphabet.Encode(p.Text) });
     }
 }
 
@@ -114,7 +164,7 @@ internal sealed class SplitPreTokenizer(Regex regex, SplitBehavior behavior, boo
         return new SplitPreTokenizer(compiled, behavior, Json.Bool(el, "invert", false));
     }
 
-    public override void Split(string piece, List<string> output)
+    public override void Split(string piece, bool atStart, List<Piece> output)
     {
         if (piece.Length == 0) return;
         // (start, end, isMatch) covering the whole piece, as tokenizers' Pattern::find_matches.
@@ -175,7 +225,7 @@ internal sealed class SplitPreTokenizer(Regex regex, SplitBehavior behavior, boo
             }
         }
         foreach (var (start, end) in spans)
-            if (end > start) output.Add(piece[start..end]);
+            if (end > start) output.Add(new Piece(piece[start..end], atStart && start == 0));
     }
 }
 
@@ -252,4 +302,7 @@ internal static class Json
 
     public static string? String(JsonElement el, string name) =>
         el.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.String ? v.GetString() : null;
+
+    public static int Int(JsonElement el, string name, int fallback) =>
+        el.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.Number && v.TryGetInt32(out var i) && i >= 0 ? i : fallback;
 }

@@ -131,7 +131,7 @@ public sealed class JobRunner(
         var train = ReadDataset(job.TrainingData, "trainingData");
         var validation = job.ValidationData is null ? null : ReadDataset(job.ValidationData, "validationData");
         ITokenizer tokenizer;
-        try { tokenizer = TokenizerLoader.Load(job.ModelPath); }
+        try { tokenizer = TokenizerLoader.Load(job.ModelPath, _options.DefaultChatTemplate); }
         catch (TokenizerException e) { throw new JobFailure("tokenizer_error", e.Message); }
 
         var resumeFrom = await lease.LatestCheckpointAsync(ct);

@@ -23,6 +23,9 @@ public sealed class WorkerOptions
     public int KeepCheckpoints { get; set; } = 2;
     /// <summary>How often the reconciler looks for queued jobs that lost their trigger.</summary>
     public TimeSpan ReconcileInterval { get; set; } = TimeSpan.FromSeconds(15);
+    /// <summary>Chat format for models whose tokenizer_config.json has no chat_template: chatml, llama3, llama3.1,
+    /// llama2, mistral or mistral-v0.2.</summary>
+    public string DefaultChatTemplate { get; set; } = "chatml";
     /// <summary>Node name in leases and events (default: host name + process id).</summary>
     public string? NodeName { get; set; }
 }

@@ -12,7 +12,7 @@ public sealed class TinyTokenizerTests : IDisposable
     private HfTokenizer WriteAndLoad()
     {
         TinyTokenizer.WriteFiles(_dir);
-        return TokenizerLoader.Load(_dir);
+        return (HfTokenizer)TokenizerLoader.Load(_dir);
     }
 
     [Fact]
@@ -119,7 +119,7 @@ public sealed class TinyTokenizerTests : IDisposable
     public void Loader_errors_are_clear()
     {
         var e = Assert.Throws<TokenizerException>(() => TokenizerLoader.Load(_dir));
-        Assert.Contains("no tokenizer.json", e.Message);
+        Assert.Contains("neither tokenizer.json (Hugging Face tokenizers) nor tokenizer.model (SentencePiece)", e.Message);
         TinyTokenizer.WriteFiles(_dir);
         File.WriteAllText(Path.Combine(_dir, "tokenizer_config.json"), "{oops");
         Assert.Contains("tokenizer_config.json is not valid JSON", Assert.Throws<TokenizerException>(() => TokenizerLoader.Load(_dir)).Message);

@@ -4,9 +4,11 @@ using FineTune.Domain.Tokenizers;
 namespace FineTune.Worker.Tests.Tokenizers;
 
 /// <summary>
-/// HfTokenizer against the real `tokenizers` library, on the fixtures of scripts/make_tokenizer_fixtures.py
-/// (GPT-2, Llama 3 and Qwen2 shapes with a trained BPE). The expected ids are recorded by scripts/tokenizer_parity.py
-/// on a machine that has the library, into Parity/&lt;name&gt;/expected.json.
+/// Our tokenizers against the reference libraries, on the fixtures of scripts/make_tokenizer_fixtures.py: tokenizer.json
+/// ones (GPT-2, Llama 3 and Qwen2 byte-level shapes; Llama 2 / Mistral SentencePiece-BPE shapes) against `tokenizers`,
+/// tokenizer.model ones (SentencePiece BPE and unigram) against `sentencepiece`. The expected ids are recorded by
+/// scripts/tokenizer_parity.py on a machine that has the library, into Parity/&lt;name&gt;/expected.json; a fixture
+/// without one is skipped with the command that records it.
 /// </summary>
 public sealed class TokenizerParityTests
 {
@@ -28,7 +30,7 @@ public sealed class TokenizerParityTests
         {
             var ids = t.Encode(text);
             // Every fixture is byte-level, so any text comes back (Qwen2's only after NFC).
-            var expected = name == "qwen2" ? FineTuneNfc(t, text) : text;
+            var expected = name == "qwen2" ? FineTuneNfc((HfTokenizer)t, text) : text;
             Assert.Equal(expected, t.Decode(ids));
         }
     }
@@ -39,7 +41,8 @@ public sealed class TokenizerParityTests
     {
         var expectedPath = Path.Combine(Root, name, "expected.json");
         Assert.SkipUnless(File.Exists(expectedPath),
-            $"no {name}/expected.json yet: run scripts/tokenizer_parity.py where the tokenizers library is installed");
+            $"no {name}/expected.json yet: run scripts/tokenizer_parity.py where the " +
+            (File.Exists(Path.Combine(Root, name, "tokenizer.json")) ? "tokenizers" : "sentencepiece") + " library is installed");
         var t = TokenizerLoader.Load(Path.Combine(Root, name));
         using var doc = JsonDocument.Parse(File.ReadAllText(expectedPath));
         var failures = new List<string>();

@@ -59,10 +59,11 @@ public static class TestData
     /// <summary>A tiny Llama folder shared by the tests (written once per test run).</summary>
     public static string TinyModelDir => Tiny.Value;
 
-    public static string WriteModel(string name, long seed, FineTune.Domain.Models.ModelConfig? config = null)
+    public static string WriteModel(string name, long seed, FineTune.Domain.Models.ModelConfig? config = null, int shards = 1,
+        ScalarType dtype = ScalarType.Float32)
     {
         var dir = Path.Combine(Path.GetTempPath(), $"ft-training-tests-{Environment.ProcessId}", name);
-        TinyModel.Write(dir, seed, config);
+        TinyModel.Write(dir, seed, config, shards, dtype);
         return dir;
     }
 

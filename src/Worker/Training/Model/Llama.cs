@@ -79,8 +79,8 @@ public sealed class Rotary
     {
         var d = c.HeadDim;
         var inv = new float[d / 2];
-        for (var i = 0; i < inv.Length; i++) inv[i] = (float)(1.0 / Math.Pow(c.RopeTheta, (float)(2 * i) / d));
-        var rs = c.RopeScaling;
+        for (var i = 0; i < inv.Length; i++) inv[i] = (float)(1.0 / Math.Pow(c.EffectiveRopeTheta, (float)(2 * i) / d));
+        var rs = c.EffectiveRopeScaling;
         switch (rs?.Kind)
         {
             case null or "default":
@@ -263,6 +263,7 @@ public sealed class Llama : Module
     /// <summary>Final hidden states (B, T, hidden).</summary>
     public Tensor Hidden(Tensor ids)
     {
+        if (Config.SequenceLengthProblem((int)ids.Size(1)) is { } problem) throw new ArgumentException(problem);
         var x = Model.EmbedTokens.Forward(ids);
         var (cos, sin) = _rotary.Tables(ids.Size(1), Device, x.DType);
         for (var i = 0; i < Model.Layers.Count; i++) x = Model.Layers[i].Forward(x, cos, sin);

@@ -1,4 +1,5 @@
 using System.Text.Json;
+using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
 using FineTune.Domain.Models;
 using FineTune.Worker.Torch;
@@ -31,8 +32,11 @@ public static class TinyModel
         PadTokenId = 258,
     };
 
-    /// <summary>Writes the folder and returns its config. Weights ~ N(0, 0.02²), norms 1, biases 0.</summary>
-    public static ModelConfig Write(string folder, long seed = 0, ModelConfig? config = null)
+    /// <summary>Writes the folder and returns its config. Weights and biases ~ N(0, 0.02²), norms 1.
+    /// <paramref name="shards"/> &gt; 1 writes model-0000N-of-0000M.safetensors files and model.safetensors.index.json,
+    /// as save_pretrained does for large models; <paramref name="dtype"/> is the dtype stored (F32, F16 or BF16).</summary>
+    public static ModelConfig Write(string folder, long seed = 0, ModelConfig? config = null, int shards = 1,
+        ScalarType dtype = ScalarType.Float32)
     {
         var c = config ?? DefaultConfig;
         var problem = c.Problems().FirstOrDefault();
@@ -60,7 +64,9 @@ public static class TinyModel
         w["model.norm.weight"] = Tensor.Ones([c.HiddenSize]);
         if (!c.TieWordEmbeddings) w["lm_head.weight"] = Normal(c.VocabSize, c.HiddenSize);
 
-        Safetensors.Save(Path.Combine(folder, "model.safetensors"), w, new Dictionary<string, string> { ["format"] = "pt" });
+        if (dtype != ScalarType.Float32)
+            foreach (var name in w.Keys.ToList()) w[name] = w[name].To(dtype);
+        WriteWeights(folder, w, shards);
         var json = JsonSerializer.Serialize(c, new JsonSerializerOptions
         {
             WriteIndented = true,
@@ -68,5 +74,29 @@ public static class TinyModel
         });
         File.WriteAllText(Path.Combine(folder, "config.json"), json);
         return c;
+    }
+
+    /// <summary>One model.safetensors, or <paramref name="shards"/> files of about equal size with their index.</summary>
+    public static void WriteWeights(string folder, IReadOnlyDictionary<string, Tensor> weights, int shards = 1)
+    {
+        var metadata = new Dictionary<string, string> { ["format"] = "pt" };
+        if (shards <= 1)
+        {
+            Safetensors.Save(Path.Combine(folder, "model.safetensors"), weights, metadata);
+            return;
+        }
+        var names = weights.Keys.Order(StringComparer.Ordinal).ToList();
+        var total = weights.Values.Sum(t => t.NumEl * t.ElementSize);
+        var map = new JsonObject();
+        var perShard = (names.Count + shards - 1) / shards;
+        for (var s = 0; s < shards; s++)
+        {
+            var file = $"model-{s + 1:D5}-of-{shards:D5}.safetensors";
+            var part = names.Skip(s * perShard).Take(perShard).ToDictionary(n => n, n => weights[n]);
+            Safetensors.Save(Path.Combine(folder, file), part, metadata);
+            foreach (var n in part.Keys) map[n] = file;
+        }
+        var index = new JsonObject { ["metadata"] = new JsonObject { ["total_size"] = total }, ["weight_map"] = map };
+        File.WriteAllText(Path.Combine(folder, "model.safetensors.index.json"), index.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
     }
 }
