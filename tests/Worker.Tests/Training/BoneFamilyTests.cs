@@ -26,7 +26,8 @@ public sealed class BoneFamilyTests
     public static TheoryData<string, bool> BatCases => new() { { "col", false }, { "col", true }, { "row", false }, { "row", true } };
 
     /// <summary>The fused op against the reference: W' materialised with PEFT's reshape/permute formula in plain tensor
-    /// ops, then F.Linear, differentiated by autograd. Non-square (48, 32) weight, r = 8, 3-D input.</summary>
+    /// ops, then F.Linear, differentiated by autograd. Non-square (48, 32) weight, r = 8, 3-D input. Runs on
+    /// <see cref="TestData.Device"/> (FINETUNE_TEST_DEVICE=cuda checks the CUDA build).</summary>
     [Theory, MemberData(nameof(BatCases))]
     public void Bat_operator_forward_and_gradients_equal_the_materialised_formula(string grouping, bool withBias)
     {
@@ -34,12 +35,13 @@ public sealed class BoneFamilyTests
         const int outF = 48, inF = 32, r = 8;
         using var gen = new Generator(21);
         using var scope = DisposeScope.Begin();
-        var w = Tensor.Randn([outF, inF], gen) * 0.5;
+        var dev = TestData.Device;
+        var w = (Tensor.Randn([outF, inF], gen) * 0.5).To(dev);
         var blocks = (g == BatGrouping.Col ? outF : inF) / r;
-        var d0 = Tensor.Randn([blocks, r, r], gen) * 0.1;
-        var b0 = Tensor.Randn([outF], gen);
-        var x0 = Tensor.Randn([3, 5, inF], gen);
-        var gy = Tensor.Randn([3, 5, outF], gen);
+        var d0 = (Tensor.Randn([blocks, r, r], gen) * 0.1).To(dev);
+        var b0 = Tensor.Randn([outF], gen).To(dev);
+        var x0 = Tensor.Randn([3, 5, inF], gen).To(dev);
+        var gy = Tensor.Randn([3, 5, outF], gen).To(dev);
 
         (Tensor Y, Tensor Gx, Tensor Gd, Tensor? Gb) Run(bool fused)
         {
@@ -60,9 +62,56 @@ public sealed class BoneFamilyTests
         Assert.True(reference.Gd.Abs().Sum().ItemDouble() > 0);
         if (withBias) Assert.True(TestData.MaxAbsDiff(fusedRun.Gb!, reference.Gb!) < 1e-5, "grad b");
         // D = 0 is the identity: the op is then the plain linear.
-        var zero = Tensor.Zeros(d0.Shape);
+        var zero = Tensor.Zeros(d0.Shape, device: dev);
         var identity = TestData.MaxAbsDiff(AdapterOps.BatLinear(x0, w, withBias ? b0 : null, zero, g), F.Linear(x0, w, withBias ? b0 : null));
         Assert.True(identity < 1e-5, $"D = 0 differs from the plain linear by {identity}");
+    }
+
+    /// <summary>bf16 compute with an fp32 master D (the GPU setting): W' is built in bf16, D's gradient comes back in fp32,
+    /// and both agree with the fp32 reference to bf16 precision.</summary>
+    [Theory, InlineData("col"), InlineData("row")]
+    public void Bat_operator_in_bf16_keeps_an_fp32_block_gradient(string grouping)
+    {
+        var g = grouping == "row" ? BatGrouping.Row : BatGrouping.Col;
+        using var gen = new Generator(31);
+        using var scope = DisposeScope.Begin();
+        var dev = TestData.Device;
+        var w = (Tensor.Randn([32, 48], gen) * 0.5).To(dev);
+        var d = (Tensor.Randn([(g == BatGrouping.Col ? 32 : 48) / 16, 16, 16], gen) * 0.1).To(dev).RequiresGrad_();
+        var dRef = d.Detach().Clone().RequiresGrad_();
+        var x = Tensor.Randn([4, 48], gen).To(dev);
+        var y = AdapterOps.BatLinear(x.To(ScalarType.BFloat16), w.To(ScalarType.BFloat16), null, d, g);
+        Assert.Equal(ScalarType.BFloat16, y.DType);
+        y.To(ScalarType.Float32).Sum().Backward();
+        var reference = F.Linear(x, BatLayer.Adapted(w, dRef, g));
+        reference.Sum().Backward();
+        var grad = d.Grad!;
+        Assert.Equal(ScalarType.Float32, grad.DType);
+        double Rel(Tensor a, Tensor b) => (a.To(ScalarType.Float32) - b).Norm().ItemDouble() / b.Norm().ItemDouble();
+        Assert.InRange(Rel(y, reference.Detach()), 0, 2e-2);
+        Assert.InRange(Rel(grad, dRef.Grad!), 0, 2e-2);
+    }
+
+    /// <summary>W' = W + ΔW rounded to bf16 loses the part of a small ΔW below W's ulp; measured against the exact fp32
+    /// output, that error is the same order as a bf16 LoRA's (bf16 base output + fp32 Δy, rounded once), which every
+    /// bf16 method pays. Guards the choice of building W' in the compute dtype.</summary>
+    [Theory, InlineData(1e-4), InlineData(1e-3), InlineData(1e-2)]
+    public void Bat_operator_in_bf16_is_as_precise_as_a_bf16_lora_output(double sigma)
+    {
+        using var gen = new Generator(1);
+        using var scope = DisposeScope.Begin();
+        var dev = TestData.Device;
+        var w = (Tensor.Randn([256, 256], gen) * 0.02).To(ScalarType.BFloat16).To(dev);   // a bf16 base, exactly
+        var w32 = w.To(ScalarType.Float32);
+        var x = Tensor.Randn([64, 256], gen).To(ScalarType.BFloat16).To(dev);
+        var x32 = x.To(ScalarType.Float32);
+        var d = (Tensor.Randn([16, 16, 16], gen) * sigma).To(dev);
+        var exact = F.Linear(x32, BatLayer.Adapted(w32, d, BatGrouping.Col));
+        var dy = exact - F.Linear(x32, w32);
+        var fused = AdapterOps.BatLinear(x, w, null, d, BatGrouping.Col).To(ScalarType.Float32);
+        var loraLike = (F.Linear(x, w).To(ScalarType.Float32) + dy).To(ScalarType.BFloat16).To(ScalarType.Float32);
+        double Error(Tensor y) => (y - exact).Norm().ItemDouble() / dy.Norm().ItemDouble();
+        Assert.True(Error(fused) < 1.5 * Error(loraLike), $"fused {Error(fused):E2} vs lora-like {Error(loraLike):E2} of |Δy|");
     }
 
     [Fact]
