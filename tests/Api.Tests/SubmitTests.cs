@@ -65,11 +65,49 @@ public sealed class SubmitTests(ApiFactory api) : IClassFixture<ApiFactory>
         Assert.Contains(api.Dispatcher.Enqueued, e => e.JobId == id && e.Pool == "gpu-a100" && e.Priority == 10);
     }
 
+    /// <summary>The method object replaced by <paramref name="json"/>; the rest is the lora request.</summary>
+    private static string WithMethod(string json) => Requests.LoraWith(o => o["method"] = System.Text.Json.Nodes.JsonNode.Parse(json));
+
+    public static TheoryData<string, Type> OtherMethods() => new()
+    {
+        { """{"type": "bone", "r": 16, "mode": "mini", "miniR": 32, "targetModules": ["q_proj", "k_proj", "down_proj"]}""", typeof(BoneMethod) },
+        { """{"type": "bat", "r": 16, "grouping": "row", "targetModules": ["q_proj", "gate_proj", "down_proj"]}""", typeof(BatMethod) },
+        { """{"type": "bat", "targetModules": ["v_proj"], "r": 32}""", typeof(BatMethod) },
+        { """{"type": "sbora", "variant": "fb", "r": 32, "alpha": 64, "targetModules": ["k_proj", "v_proj"]}""", typeof(SboraMethod) },
+    };
+
+    [Theory]
+    [MemberData(nameof(OtherMethods))]
+    public async Task Bone_mini_bat_and_sbora_jobs_are_accepted_with_their_options(string method, Type options)
+    {
+        var client = await api.ClientAsync("submit-methods");
+        var response = await client.PostAsync("/v1/fine-tunes", Requests.Body(WithMethod(method)), Ct);
+        Assert.True(response.StatusCode == HttpStatusCode.Accepted, await response.Content.ReadAsStringAsync(Ct));
+        var id = (await response.JsonAsync()).GetProperty("id").GetGuid();
+        await using var db = api.Db();
+        var row = await db.Jobs.SingleAsync(j => j.Id == id, Ct);
+        Assert.IsType(options, row.Method);
+        var sent = System.Text.Json.Nodes.JsonNode.Parse(method)!.AsObject();
+        var stored = System.Text.Json.JsonSerializer.SerializeToNode(row.Method, FineTune.Domain.DomainJson.Options)!.AsObject();
+        foreach (var (key, value) in sent.Where(kv => kv.Key != "type"))
+            Assert.True(System.Text.Json.Nodes.JsonNode.DeepEquals(value, stored[key]), $"{key}: sent {value}, stored {stored[key]}");
+    }
+
     public static TheoryData<string, string, int, string, string> BadInputs()
     {
         static string Edit(Action<System.Text.Json.Nodes.JsonObject> e) => Requests.LoraWith(e);
         return new()
         {
+            { "bat r not dividing a module", WithMethod("""{"type": "bat", "r": 24, "targetModules": ["q_proj"]}"""), 422, "method.r", "module q_proj with shape (64, 64)" },
+            { "bat r not dividing the mlp", WithMethod("""{"type": "bat", "r": 64, "grouping": "row", "targetModules": ["up_proj", "k_proj"]}"""), 422, "method.r", "module k_proj with shape (32, 64)" },
+            { "bat unknown grouping", WithMethod("""{"type": "bat", "r": 16, "grouping": "diagonal"}"""), 422, "method.grouping", "col, row" },
+            { "bone mini miniR not dividing", WithMethod("""{"type": "bone", "r": 8, "mode": "mini", "miniR": 24, "targetModules": ["k_proj"]}"""), 422, "method.miniR", "module k_proj with shape (32, 64)" },
+            { "bone miniR without mini", WithMethod("""{"type": "bone", "r": 8, "miniR": 4}"""), 422, "method.miniR", "mode 'mini'" },
+            { "bone unknown mode", WithMethod("""{"type": "bone", "r": 8, "mode": "maxi"}"""), 422, "method.mode", "default, mini" },
+            { "sbora fb r above the output size", WithMethod("""{"type": "sbora", "variant": "fb", "r": 48, "targetModules": ["v_proj"]}"""), 422, "method.r", "module v_proj with shape (32, 64)" },
+            { "sbora fa r above the input size", WithMethod("""{"type": "sbora", "r": 96, "targetModules": ["q_proj"]}"""), 422, "method.r", "module q_proj with shape (64, 64)" },
+            { "sbora unknown variant", WithMethod("""{"type": "sbora", "variant": "fc"}"""), 422, "method.variant", "fa, fb" },
+            { "sbora unknown field", WithMethod("""{"type": "sbora", "rank": 4}"""), 400, "method.rank", "unknown field" },
             { "unknown method type", Edit(o => o["method"]!["type"] = "qlora"), 400, "method.type", "unknown method type 'qlora'" },
             { "missing method type", Edit(o => o["method"]!.AsObject().Remove("type")), 400, "method.type", "is required" },
             { "unknown top-level field", Edit(o => o["learning_rate"] = 1), 400, "learning_rate", "unknown field" },

@@ -128,4 +128,8 @@ internal static unsafe class Native
     [DllImport(Lib)] internal static extern int ft_sgd_step(IntPtr* ps, IntPtr* bufs, int n, double lr, double momentum, double weightDecay, int first);
     [DllImport(Lib)] internal static extern int ft_zero_grad(IntPtr* ps, int n);
     [DllImport(Lib)] internal static extern int ft_clip_grad_norm(IntPtr* ps, int n, double maxNorm, double* total);
+
+    // ---- adapter operators (bone-family): AdapterOps.cs
+    [DllImport(Lib)] internal static extern IntPtr ft_bat_linear(IntPtr x, IntPtr w, IntPtr b, IntPtr d, int grouping);
+    // ---- end adapter operators (bone-family)
 }

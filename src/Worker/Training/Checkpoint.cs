@@ -35,7 +35,7 @@ public static class Checkpoint
         var path = Path.Combine(dir, FileName(state.Step));
         var optimState = optimizer.StateDict();
         var tensors = new Dictionary<string, Tensor>();
-        foreach (var (name, t) in method.TrainableTensors) tensors[$"adapter.{name}"] = t;
+        foreach (var (name, t) in method.TrainableTensors.Concat(method.FrozenTensors)) tensors[$"adapter.{name}"] = t;
         foreach (var (key, t) in optimState) tensors[$"optim.{key}"] = t;
         var inv = CultureInfo.InvariantCulture;
         var meta = new Dictionary<string, string>

@@ -13,14 +13,21 @@ public sealed class MethodTests
 {
     private static readonly string[] All = MethodSpec.AllModules;
 
-    public static TheoryData<string> Methods => new() { "lora", "bone", "bone-odd" };
+    public static TheoryData<string> Methods => new() { "lora", "bone", "bone-odd", "bone-mini", "bat-col", "bat-row", "sbora-fa", "sbora-fb" };
 
-    /// <summary>bone-odd: r=24 does not divide 64 or 176, so every input is padded.</summary>
-    private static MethodSpec Spec(string name) => name switch
+    /// <summary>bone-odd: r=24 does not divide 64 or 176, so every input is padded. The tiny model's modules are
+    /// (64, 64), (32, 64), (176, 64) and (64, 176): Bat's r and mini's miniR must divide 16. SBoRA without dropout, so
+    /// merged and unmerged forwards compare exactly.</summary>
+    internal static MethodSpec Spec(string name) => name switch
     {
         "lora" => new LoraMethod { R = 4, Alpha = 8, TargetModules = All },
         "bone" => new BoneMethod { R = 16, TargetModules = All },
         "bone-odd" => new BoneMethod { R = 24, TargetModules = ["q_proj", "o_proj", "down_proj"] },
+        "bone-mini" => new BoneMethod { R = 24, Mode = "mini", MiniR = 8, TargetModules = All },
+        "bat-col" => new BatMethod { R = 16, TargetModules = All },
+        "bat-row" => new BatMethod { R = 8, Grouping = "row", TargetModules = All },
+        "sbora-fa" => new SboraMethod { R = 8, Alpha = 16, Dropout = 0, TargetModules = All },
+        "sbora-fb" => new SboraMethod { Variant = "fb", R = 8, Alpha = 16, Dropout = 0, TargetModules = All },
         _ => throw new ArgumentException(name),
     };
 
@@ -73,6 +80,7 @@ public sealed class MethodTests
         var ids = Input();
         model.Loss(ids, ids).Backward();
         Assert.All(model.Parameters(), p => Assert.Null(p.Grad));
+        Assert.All(method.FrozenTensors, t => Assert.Null(t.Tensor.Grad));
         Assert.All(method.TrainableTensors, t =>
         {
             var g = t.Tensor.Grad;
@@ -115,11 +123,16 @@ public sealed class MethodTests
         TestData.Randomize(method, 3);
         using var scope = DisposeScope.Begin();
         var w0 = model.LinearAt("model.layers.1.self_attn.q_proj").Weight.Clone();
+        var down0 = model.LinearAt("model.layers.0.mlp.down_proj").Weight.Clone();
+        var delta0 = method.DeltaWeight("model.layers.0.mlp.down_proj");
         var adapted = model.Forward(Input());
         method.Merge();
         Assert.True(method.Merged);
         Assert.True(TestData.MaxAbsDiff(model.LinearAt("model.layers.1.self_attn.q_proj").Weight, w0) > 1e-4);
         Assert.True(TestData.MaxAbsDiff(model.Forward(Input()), adapted) < 1e-5);
+        // Merged: W' = W + ΔW, and ΔW still reads the same (Bat recovers W from W' to compute it).
+        Assert.True(TestData.MaxAbsDiff(model.LinearAt("model.layers.0.mlp.down_proj").Weight, down0 + delta0) < 1e-6);
+        Assert.True(TestData.MaxAbsDiff(method.DeltaWeight("model.layers.0.mlp.down_proj"), delta0) < 1e-5);
         method.Unmerge();
         Assert.True(TestData.MaxAbsDiff(model.LinearAt("model.layers.1.self_attn.q_proj").Weight, w0) < 1e-6);
         Assert.True(TestData.MaxAbsDiff(model.Forward(Input()), adapted) < 1e-5);

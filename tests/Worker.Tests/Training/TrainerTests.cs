@@ -48,13 +48,26 @@ public sealed class TrainerTests
             TestData.TempDir("ckpt"), resume, TestData.TempDir("out"), logEvery, checkpointEvery, "tiny-base", "abc123");
 
     public static TheoryData<string> Methods => new() { "lora", "bone" };
+    public static TheoryData<string> MoreMethods => new() { "bone-mini", "bat-col", "bat-row", "sbora-fa", "sbora-fb" };
+
+    private static MethodSpec TrainingMethod(string name) => name switch
+    {
+        "lora" => new LoraMethod { R = 8, Alpha = 16, TargetModules = MethodSpec.AllModules },
+        "bone" => new BoneMethod { R = 16, TargetModules = MethodSpec.AllModules },
+        // gate/up (176 outputs) left out so miniR can be 32.
+        "bone-mini" => new BoneMethod { R = 32, Mode = "mini", MiniR = 32, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"] },
+        "bat-col" => new BatMethod { R = 16, TargetModules = MethodSpec.AllModules },
+        "bat-row" => new BatMethod { R = 16, Grouping = "row", TargetModules = MethodSpec.AllModules },
+        // With the paper's dropout 0.05: the loop's dropout path runs too.
+        "sbora-fa" => new SboraMethod { R = 16, Alpha = 32, TargetModules = MethodSpec.AllModules },
+        "sbora-fb" => new SboraMethod { Variant = "fb", R = 16, Alpha = 32, TargetModules = MethodSpec.AllModules },
+        _ => throw new ArgumentException(name),
+    };
 
     [Theory, MemberData(nameof(Methods))]
     public async Task Short_run_lowers_the_loss_and_writes_the_adapter_folder(string name)
     {
-        MethodSpec method = name == "lora"
-            ? new LoraMethod { R = 8, Alpha = 16, TargetModules = MethodSpec.AllModules }
-            : new BoneMethod { R = 16, TargetModules = MethodSpec.AllModules };
+        var method = TrainingMethod(name);
         var hyper = new Hyperparameters { BatchSize = 8, LearningRate = 1e-2, MaxSteps = 40, Scheduler = "constant", MaxSeqLength = 128 };
         var recorder = new Recorder();
         var spec = Spec(method, hyper, validation: TestData.TextSet(6), logEvery: 10);
@@ -76,13 +89,32 @@ public sealed class TrainerTests
         Assert.Equal(name == "bone", result.Files.Contains("lora/adapter_config.json"));
         Assert.All(result.Files, f => Assert.True(File.Exists(Path.Combine(spec.OutputDir, f)), f));
         var meta = JsonNode.Parse(File.ReadAllText(Path.Combine(spec.OutputDir, "metadata.json")))!;
-        Assert.Equal(name, (string?)meta["method"]!["type"]);
+        Assert.Equal(method.Type, (string?)meta["method"]!["type"]);
         Assert.Equal(40, (int)meta["hyperparameters"]!["maxSteps"]!);
         Assert.Equal("tiny-base", (string?)meta["base_model"]!["name"]);
         Assert.Equal(64, ((string?)meta["base_model"]!["files"]![0]!["sha256"])!.Length);
         Assert.Equal("abc123", (string?)meta["dataset_sha256"]);
         Assert.Equal(42, (long)meta["seed"]!);
         Assert.Equal(result.FinalLoss, (double)meta["final_loss"]!, 9);
+    }
+
+    /// <summary>The other methods on a lighter run (the loop is the same; this checks each one learns and publishes).</summary>
+    [Theory, MemberData(nameof(MoreMethods))]
+    public async Task Short_run_of_each_method_lowers_the_loss(string name)
+    {
+        var method = TrainingMethod(name);
+        // Mini ties out/miniR outputs to each entry of D, so one Adam step moves many weights at once: a smaller step.
+        var hyper = new Hyperparameters { BatchSize = 4, LearningRate = name == "bone-mini" ? 5e-3 : 2e-2, MaxSteps = 20, Scheduler = "constant", MaxSeqLength = 64 };
+        var recorder = new Recorder();
+        var spec = Spec(method, hyper, logEvery: 5);
+        var result = await new Trainer().RunAsync(spec, recorder, TestContext.Current.CancellationToken);
+        Assert.Equal(20, result.Steps);
+        var first = recorder.Metrics[0].Loss;
+        Assert.True(result.FinalLoss < first - 0.2, $"loss went from {first} to {result.FinalLoss}");
+        Assert.Contains("lora/adapter_model.safetensors", result.Files);
+        var meta = JsonNode.Parse(File.ReadAllText(Path.Combine(spec.OutputDir, "metadata.json")))!;
+        Assert.Equal(method.Type, (string?)meta["method"]!["type"]);
+        Assert.Equal(name.StartsWith("bat", StringComparison.Ordinal), !(bool)meta["lora_export"]!["exact"]!);
     }
 
     [Fact]

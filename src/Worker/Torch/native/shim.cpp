@@ -8,6 +8,7 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/version.h>
 #include <cmath>
 #include <cstring>
@@ -673,3 +674,115 @@ FT_API int ft_clip_grad_norm(T* params, int n, double max_norm, double* total) {
     return 0;
   })
 }
+
+// ================================================================ adapter operators (bone-family)
+// Bat (block-affine adaptation, PEFT MiSS init_weights="bat") as one linear layer with its own autograd node.
+// PEFT materialises W' = W + ΔW in fp32 every step and autograd keeps it (and the fp32 copy of x) for backward.
+// Here W' is built in the compute dtype, used for one matmul and freed; backward saves only x, D (and W, which is
+// the frozen base and costs nothing) and recomputes W'. The math, for r×r blocks W_{o,a} (o: output block,
+// a: input block) of W (out, in):
+//   col (PEFT "bat"), D (out/r, r, r):  W'_{o,a} = W_{o,a}(I + D_o) + D_o,  ∂L/∂D_o = Σ_a (W_{o,a} + I)ᵀ G_{o,a}
+//   row (ours),       D (in/r, r, r):   W'_{o,a} = (I + D_a)W_{o,a} + D_a,  ∂L/∂D_a = Σ_o G_{o,a} (W_{o,a} + I)ᵀ
+// with G = ∂L/∂W' = gyᵀ·x. Row is col applied to Wᵀ with E_a = D_aᵀ, which is how it is computed.
+namespace {
+// Column grouping on a (rows, cols) matrix w with blocks D (rows/r, r, r) of w's dtype: returns W' (rows, cols).
+// Viewed as (rows/r, cols, r), batch o holds the r rows of block row o with each row cut into r-wide pieces, so
+// W_{o,a}·D_o for every a is one bmm and no permute copies are made.
+at::Tensor bat_col_weight(const at::Tensor& w, const at::Tensor& d) {
+  const int64_t rows = w.size(0), cols = w.size(1), r = d.size(-1), blocks = rows / r;
+  auto wc = w.contiguous().view({blocks, cols, r});
+  auto wp = at::baddbmm(wc, wc, d);  // W + W·D
+  return wp.view({blocks, r, cols / r, r}).add_(d.unsqueeze(2)).view({rows, cols});
+}
+
+// ∂L/∂D_o = Σ_a W_{o,a}ᵀ G_{o,a} + Σ_a G_{o,a} for the column grouping, in w's dtype.
+at::Tensor bat_col_grad(const at::Tensor& w, const at::Tensor& g, int64_t r) {
+  const int64_t rows = w.size(0), cols = w.size(1), blocks = rows / r;
+  auto wc = w.contiguous().view({blocks, cols, r});
+  auto gc = g.contiguous().view({blocks, cols, r});
+  auto gsum = gc.view({blocks, r, cols / r, r}).sum(2);
+  return at::baddbmm(gsum, wc.transpose(1, 2), gc);
+}
+
+void bat_check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, bool row) {
+  TORCH_CHECK(w.dim() == 2, "bat_linear: weight must be 2-D (out, in), got ", w.sizes());
+  TORCH_CHECK(d.dim() == 3 && d.size(1) == d.size(2), "bat_linear: block must be (n, r, r), got ", d.sizes());
+  const int64_t out = w.size(0), in = w.size(1), r = d.size(2);
+  TORCH_CHECK(r > 0 && out % r == 0 && in % r == 0, "bat_linear: r=", r, " must divide the weight's shape (", out, ", ", in, ")");
+  TORCH_CHECK(d.size(0) == (row ? in : out) / r, "bat_linear: ", row ? "row" : "col", " grouping of a (", out, ", ", in,
+              ") weight needs a block of (", (row ? in : out) / r, ", ", r, ", ", r, "), got ", d.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "bat_linear: input's last dimension ", x.size(-1), " does not match in=", in);
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "bat_linear: input is ", x.scalar_type(), " but the weight is ", w.scalar_type());
+  TORCH_CHECK(!w.requires_grad(), "bat_linear: the base weight must be frozen (requires_grad false)");
+}
+
+// W' in w's dtype; for row grouping its transpose (in, out), contiguous, which the matmuls use as it is.
+at::Tensor bat_weight_for(const at::Tensor& w, const at::Tensor& d, bool row) {
+  auto dc = d.to(w.scalar_type());
+  if (!row) return bat_col_weight(w, dc);
+  return bat_col_weight(w.t().contiguous(), dc.transpose(1, 2));
+}
+
+struct BatLinear : public torch::autograd::Function<BatLinear> {
+  // The bias is optional<Tensor>: an undefined Tensor argument trips autograd's device check in 1.13.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias,
+                            at::Tensor d, bool row) {
+    const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+    bat_check(x, w, d, row);
+    at::Tensor y;
+    {
+      auto wp = bat_weight_for(w, d, row);
+      auto weight = row ? wp.t() : wp;
+      y = b.defined() ? at::linear(x, weight, b.to(x.scalar_type())) : at::linear(x, weight);
+    }  // W' is freed here: backward rebuilds it
+    ctx->save_for_backward({x, w, d});
+    ctx->saved_data["row"] = row;
+    ctx->saved_data["x_grad"] = x.requires_grad();
+    ctx->saved_data["b_grad"] = b.defined() && b.requires_grad();
+    ctx->saved_data["b_dtype"] = b.defined() ? static_cast<int64_t>(b.scalar_type()) : static_cast<int64_t>(-1);
+    ctx->saved_data["d_grad"] = d.requires_grad();
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto& w = saved[1];
+    const auto& d = saved[2];
+    const bool row = ctx->saved_data["row"].toBool();
+    const int64_t out = w.size(0), in = w.size(1), r = d.size(2);
+    auto gy = grads[0].to(x.scalar_type());
+    auto gy2 = gy.reshape({-1, out});
+    auto x2 = x.reshape({-1, in});
+    at::Tensor gx, gb, gd;
+    if (ctx->saved_data["x_grad"].toBool()) {
+      auto wp = bat_weight_for(w, d, row);
+      gx = (row ? gy2.mm(wp.t()) : gy2.mm(wp)).view(x.sizes());
+    }  // W' freed before G (out × in) is made: one weight-sized temporary at a time
+    if (ctx->saved_data["d_grad"].toBool()) {
+      if (!row) {
+        gd = bat_col_grad(w, gy2.t().mm(x2), r);
+      } else {
+        gd = bat_col_grad(w.t().contiguous(), x2.t().mm(gy2), r).transpose(1, 2);
+      }
+      gd = gd.to(d.scalar_type());
+    }
+    if (ctx->saved_data["b_grad"].toBool())
+      gb = gy2.sum(0).to(static_cast<at::ScalarType>(ctx->saved_data["b_dtype"].toInt()));
+    return {gx, at::Tensor(), gb, gd, at::Tensor()};
+  }
+};
+}  // namespace
+
+// y = x·(W + ΔW_bat(W, D))ᵀ + b. grouping 0: col (D (out/r, r, r), PEFT's bat), 1: row (D (in/r, r, r)).
+// x and W share the compute dtype; D may be wider (fp32 master copy): it is cast for the product and its gradient
+// comes back in its own dtype. W must be frozen. b may be null.
+FT_API T ft_bat_linear(T x, T w, T b, T d, int grouping) {
+  FT_TRY(nullptr, {
+    TORCH_CHECK(grouping == 0 || grouping == 1, "bat_linear: grouping must be 0 (col) or 1 (row), got ", grouping);
+    c10::optional<at::Tensor> bias;
+    if (b) bias = *b;
+    return wrap(BatLinear::apply(*x, *w, bias, *d, grouping == 1));
+  })
+}
+// ================================================================ end adapter operators (bone-family)

@@ -20,6 +20,9 @@ public interface IAdapterMethod : IDisposable
     IReadOnlyDictionary<string, IAdapterLayer> Layers { get; }
     /// <summary>Trainable tensors with their PEFT names (base_model.model.&lt;path&gt;.&lt;suffix&gt;), in a fixed order.</summary>
     IReadOnlyList<(string Name, Tensor Tensor)> TrainableTensors { get; }
+    /// <summary>Frozen tensors that are part of the adapter (SBoRA's index sets), with their names: saved beside the
+    /// trainable ones in the native form and in checkpoints, and restored by <see cref="LoadTrainable"/>.</summary>
+    IReadOnlyList<(string Name, Tensor Tensor)> FrozenTensors { get; }
     /// <summary>Optimizer parameter groups (one per distinct learning rate / decay).</summary>
     IReadOnlyList<ParamGroup> ParamGroups(Hyperparameters hyper);
     long TrainableParameterCount { get; }
@@ -32,7 +35,7 @@ public interface IAdapterMethod : IDisposable
     bool Merged { get; }
     /// <summary>Dropout on (training) or off (evaluation).</summary>
     void Train(bool on = true);
-    /// <summary>Copies trainable values in by PEFT name; every trainable tensor must be present with its shape.</summary>
+    /// <summary>Copies trainable (and frozen) values in by name; every one must be present with its shape.</summary>
     void LoadTrainable(IReadOnlyDictionary<string, Tensor> tensors);
     /// <summary>Writes the native PEFT form (adapter_model.safetensors + adapter_config.json) and any portable
     /// exports (e.g. <c>lora/</c>) into <paramref name="dir"/>; returns the files written, relative to it.</summary>
@@ -63,6 +66,8 @@ public interface IAdapterLayer : ILinearAdapter, IDisposable
     Linear Base { get; }
     /// <summary>Trainable tensors by PEFT suffix (lora_A.weight, miss_block, …).</summary>
     IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors { get; }
+    /// <summary>Frozen adapter state by suffix (SBoRA's <c>sbora_idx</c>); most methods have none.</summary>
+    IReadOnlyList<(string Suffix, Tensor Tensor)> Frozen => [];
     Tensor DeltaWeight();
     bool Merged { get; set; }
     bool Training { get; set; }
@@ -75,6 +80,8 @@ public static class AdapterMethods
     {
         [typeof(LoraMethod)] = s => new Lora.LoraAdapter((LoraMethod)s),
         [typeof(BoneMethod)] = s => new Bone.BoneAdapter((BoneMethod)s),
+        [typeof(BatMethod)] = s => new Bat.BatAdapter((BatMethod)s),
+        [typeof(SboraMethod)] = s => new SBoRA.SboraAdapter((SboraMethod)s),
     };
 
     public static bool IsSupported(MethodSpec spec) => Factories.ContainsKey(spec.GetType());
@@ -100,10 +107,12 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     public const string Prefix = "base_model.model.";
     private readonly Dictionary<string, IAdapterLayer> _layers = [];
     private readonly List<(string, Tensor)> _trainable = [];
+    private readonly List<(string, Tensor)> _frozen = [];
 
     public MethodSpec Spec { get; } = spec;
     public IReadOnlyDictionary<string, IAdapterLayer> Layers => _layers;
     public IReadOnlyList<(string Name, Tensor Tensor)> TrainableTensors => _trainable;
+    public IReadOnlyList<(string Name, Tensor Tensor)> FrozenTensors => _frozen;
     public long TrainableParameterCount => _trainable.Sum(t => t.Item2.NumEl);
     public bool Merged { get; private set; }
 
@@ -135,6 +144,7 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
                 _layers[path] = layer;
                 linear.Adapter = layer;
                 foreach (var (suffix, t) in layer.Tensors) _trainable.Add(($"{Prefix}{path}.{suffix}", t));
+                foreach (var (suffix, t) in layer.Frozen) _frozen.Add(($"{Prefix}{path}.{suffix}", t));
             }
     }
 
@@ -167,10 +177,15 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
             using var scope = DisposeScope.Begin();
             var w = layer.Base.Weight;
             // In fp32, then cast back once, so a bf16 base loses as little as possible.
-            w.Copy_(w.To(ScalarType.Float32).Add(layer.DeltaWeight(), sign).To(w.DType));
+            w.Copy_(MergedWeight(layer, w.To(ScalarType.Float32), merge: sign > 0).To(w.DType));
             layer.Merged = sign > 0;
         }
     }
+
+    /// <summary>The layer's base weight (fp32) after merging (W + ΔW) or unmerging (W' − ΔW). A method whose ΔW depends on
+    /// W (Bat) overrides this with its own inverse.</summary>
+    protected virtual Tensor MergedWeight(IAdapterLayer layer, Tensor weight, bool merge) =>
+        weight.Add(layer.DeltaWeight(), merge ? 1 : -1);
 
     public void Train(bool on = true)
     {
@@ -179,12 +194,13 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
 
     public void LoadTrainable(IReadOnlyDictionary<string, Tensor> tensors)
     {
-        var missing = _trainable.Where(t => !tensors.ContainsKey(t.Item1)).Select(t => t.Item1).ToList();
+        var all = _trainable.Concat(_frozen).ToList();
+        var missing = all.Where(t => !tensors.ContainsKey(t.Item1)).Select(t => t.Item1).ToList();
         if (missing.Count > 0)
             throw new InvalidDataException($"adapter tensors missing: {string.Join(", ", missing.Take(5))}" +
                                            (missing.Count > 5 ? $" (+{missing.Count - 5} more)" : ""));
         using var noGrad = Torch.Torch.NoGrad();
-        foreach (var (name, t) in _trainable)
+        foreach (var (name, t) in all)
         {
             var src = tensors[name];
             if (!src.Shape.SequenceEqual(t.Shape))
@@ -193,12 +209,16 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
             using var scope = DisposeScope.Begin();
             t.Copy_(src.To(t.Device, t.DType));
         }
+        AfterLoad();
     }
+
+    /// <summary>Checks (or derives state from) values just loaded; throws <see cref="InvalidDataException"/> for bad ones.</summary>
+    protected virtual void AfterLoad() { }
 
     public IReadOnlyList<string> Save(string dir, string baseModelName)
     {
         Directory.CreateDirectory(dir);
-        var tensors = _trainable.ToDictionary(t => t.Item1, t => t.Item2);
+        var tensors = _trainable.Concat(_frozen).ToDictionary(t => t.Item1, t => t.Item2);
         Safetensors.Save(Path.Combine(dir, AdapterFiles.Weights), tensors, new Dictionary<string, string> { ["format"] = "pt" });
         AdapterFiles.WriteJson(Path.Combine(dir, AdapterFiles.Config), AdapterConfig(baseModelName));
         return [AdapterFiles.Weights, AdapterFiles.Config, .. SaveExports(dir, baseModelName)];
@@ -224,6 +244,7 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
         }
         _layers.Clear();
         _trainable.Clear();
+        _frozen.Clear();
         GC.SuppressFinalize(this);
     }
 }

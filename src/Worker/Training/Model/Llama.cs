@@ -13,6 +13,14 @@ public interface ILinearAdapter
     Tensor Forward(Tensor x, Tensor baseOutput);
 }
 
+/// <summary>An adapter that computes the whole output from x itself (Bat: one matmul with W + ΔW), so the base product
+/// is not computed as well.</summary>
+public interface IWholeLinearAdapter : ILinearAdapter
+{
+    /// <summary>The adapted output, or null to take the usual path (base product, then <see cref="ILinearAdapter.Forward"/>).</summary>
+    Tensor? ForwardWhole(Tensor x);
+}
+
 /// <summary>y = x Wᵀ + b with a frozen W (out, in), and an optional adapter hook.</summary>
 public sealed class Linear : Module
 {
@@ -30,6 +38,7 @@ public sealed class Linear : Module
 
     public Tensor Forward(Tensor x)
     {
+        if (Adapter is IWholeLinearAdapter whole && whole.ForwardWhole(x) is { } adapted) return adapted;
         var y = F.Linear(x, Weight, Bias);
         return Adapter is null ? y : Adapter.Forward(x, y);
     }

@@ -10,21 +10,30 @@ namespace FineTune.Worker.Training.Methods.Bone;
 /// Bone (PEFT MiSS, default mode): one block D (r, out), zero-init, shared by the input's r-sized chunks:
 /// Δy = (Σ_k x[.., k·r:(k+1)·r]) D, i.e. ΔW[o, i] = D[i mod r, o]. The forward never builds ΔW (out × in): it sums the
 /// chunks of x (zero-padded to a multiple of r) and multiplies by D, so its cost is one (…, r)·(r, out) matmul.
+/// Mini mode (PEFT <c>init_weights="mini"</c>): D (r, miniR) stands for D.repeat(1, out/miniR); the forward multiplies
+/// by the small D and tiles the (…, miniR) result along the output, so ΔW[o, i] = D[i mod r, o mod miniR].
 /// </summary>
 public sealed class BoneLayer : IAdapterLayer
 {
     public Linear Base { get; }
     public int R { get; }
     public Tensor D { get; }
+    /// <summary>Mini mode: D's width (it is tiled out/MiniR times); null in default mode.</summary>
+    public int? MiniR { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors => [("miss_block", D)];
 
-    public BoneLayer(Linear linear, int r)
+    public BoneLayer(Linear linear, int r, int? miniR = null)
     {
-        (Base, R) = (linear, r);
-        D = LoraLayer.Owned(Tensor.Zeros([r, linear.OutFeatures], ScalarType.Float32, linear.Weight.Device));
+        (Base, R, MiniR) = (linear, r, miniR);
+        if (miniR is { } m && linear.OutFeatures % m != 0)
+            throw new ArgumentException($"miniR={m} does not divide the output size of a ({linear.OutFeatures}, {linear.InFeatures}) module");
+        D = LoraLayer.Owned(Tensor.Zeros([r, miniR ?? linear.OutFeatures], ScalarType.Float32, linear.Weight.Device));
     }
+
+    /// <summary>The (r, out) block that D stands for: D itself, or in mini mode D tiled along the output.</summary>
+    public Tensor FullBlock() => MiniR is { } m ? D.Repeat(1, Base.OutFeatures / m) : D;
 
     public Tensor Forward(Tensor x, Tensor baseOutput)
     {
@@ -34,15 +43,22 @@ public sealed class BoneLayer : IAdapterLayer
         var pad = (R - inFeatures % R) % R;
         if (pad > 0) h = h.Pad([0, pad]);
         long[] chunked = [.. h.Shape[..^1], (inFeatures + pad) / R, R];
-        var y = baseOutput + h.Reshape(chunked).Sum([-2]).MatMul(D);
+        var delta = h.Reshape(chunked).Sum([-2]).MatMul(D);
+        if (MiniR is { } m)
+        {
+            var tiles = Enumerable.Repeat(1L, delta.Dim).ToArray();
+            tiles[^1] = Base.OutFeatures / m;
+            delta = delta.Repeat(tiles);
+        }
+        var y = baseOutput + delta;
         return y.DType == baseOutput.DType ? y : y.To(baseOutput.DType);
     }
 
-    /// <summary>ΔW (out, in) with ΔW[o, i] = D[i mod r, o].</summary>
+    /// <summary>ΔW (out, in) with ΔW[o, i] = D[i mod r, o] (mini: D[i mod r, o mod miniR]).</summary>
     public Tensor DeltaWeight()
     {
         var inFeatures = Base.InFeatures;
-        return D.T().Repeat(1, (inFeatures + R - 1) / R).Narrow(1, 0, inFeatures).Contiguous();
+        return FullBlock().T().Repeat(1, (inFeatures + R - 1) / R).Narrow(1, 0, inFeatures).Contiguous();
     }
 
     /// <summary>The exact LoRA form's A (r, in): A[i mod r, i] = 1.</summary>
@@ -60,19 +76,20 @@ public sealed class BoneAdapter(BoneMethod spec) : AdapterMethodBase(spec)
 {
     public BoneMethod Bone { get; } = spec;
 
-    protected override IAdapterLayer CreateLayer(Linear linear, Generator gen) => new BoneLayer(linear, Bone.R);
+    protected override IAdapterLayer CreateLayer(Linear linear, Generator gen) =>
+        new BoneLayer(linear, Bone.R, Bone.Mini ? Bone.MiniR : null);
 
     protected override JsonObject AdapterConfig(string baseModelName)
     {
         var c = AdapterFiles.CommonConfig("MISS", baseModelName, TargetModules);
         c["r"] = Bone.R;
-        c["init_weights"] = true;
-        c["mini_r"] = 1;
+        c["init_weights"] = Bone.Mini ? JsonValue.Create("mini") : JsonValue.Create(true);
+        c["mini_r"] = Bone.Mini ? Bone.MiniR : 1;
         c["miss_dropout"] = 0.0;
         return c;
     }
 
-    /// <summary>The exact plain-LoRA form in <c>lora/</c>: A[i mod r, i] = 1, B = Dᵀ (ΔW = B·A, s = 1).</summary>
+    /// <summary>The exact plain-LoRA form in <c>lora/</c>: A[i mod r, i] = 1, B = Dᵀ (mini: the tiled D), ΔW = B·A, s = 1.</summary>
     protected override IReadOnlyList<string> SaveExports(string dir, string baseModelName)
     {
         using var scope = DisposeScope.Begin();
@@ -83,7 +100,7 @@ public sealed class BoneAdapter(BoneMethod spec) : AdapterMethodBase(spec)
             var bone = (BoneLayer)layer;
             var inFeatures = bone.Base.InFeatures;
             if (!aByIn.TryGetValue(inFeatures, out var a)) aByIn[inFeatures] = a = BoneLayer.LoraA(Bone.R, inFeatures);
-            modules.Add(new LoraExport.Module(path, a, bone.D.Detach().T()));
+            modules.Add(new LoraExport.Module(path, a, bone.FullBlock().Detach().T()));
         }
         var files = LoraExport.Write(dir, baseModelName, TargetModules, modules, out var info);
         ExportInfo = info;
