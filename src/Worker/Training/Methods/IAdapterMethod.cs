@@ -18,7 +18,8 @@ public interface IAdapterMethod : IDisposable
     MethodSpec Spec { get; }
     /// <summary>Adapter layers by HF module path (model.layers.N.self_attn.q_proj).</summary>
     IReadOnlyDictionary<string, IAdapterLayer> Layers { get; }
-    /// <summary>Trainable tensors with their PEFT names (base_model.model.&lt;path&gt;.&lt;suffix&gt;), in a fixed order.</summary>
+    /// <summary>Trainable tensors with their PEFT names (base_model.model.&lt;path&gt;.&lt;suffix&gt;, or base_model.&lt;name&gt; for a
+    /// method-level tensor such as VB-LoRA's shared vector bank), in a fixed order.</summary>
     IReadOnlyList<(string Name, Tensor Tensor)> TrainableTensors { get; }
     /// <summary>Optimizer parameter groups (one per distinct learning rate / decay).</summary>
     IReadOnlyList<ParamGroup> ParamGroups(Hyperparameters hyper);
@@ -52,6 +53,12 @@ public interface IAdapterMethod : IDisposable
     /// <summary>After the optimizer step <paramref name="step"/> (0-based) has been applied.</summary>
     void AfterOptimizerStep(long step, AdamW optimizer);
 
+    /// <summary>State besides the trainable tensors that a resumed run needs to continue exactly (XGBLoRA: the merged
+    /// boosters and the rounds' layer subsets), by key; empty for most methods. The tensors are new: the caller disposes them.</summary>
+    IReadOnlyDictionary<string, Tensor> MethodState();
+    /// <summary>Restores <see cref="MethodState"/> after the trainable tensors and the optimizer state were loaded.</summary>
+    void LoadMethodState(IReadOnlyDictionary<string, Tensor> state);
+
     /// <summary>What the last <see cref="Save"/> wrote as portable exports (e.g. <c>lora/</c>: rank, exact or the SVD
     /// error per module), for the adapter's metadata.json; null when the method wrote none.</summary>
     JsonObject? ExportInfo { get; }
@@ -75,6 +82,8 @@ public static class AdapterMethods
     {
         [typeof(LoraMethod)] = s => new Lora.LoraAdapter((LoraMethod)s),
         [typeof(BoneMethod)] = s => new Bone.BoneAdapter((BoneMethod)s),
+        [typeof(VbLoraMethod)] = s => new VBLoRA.VbLoraAdapter((VbLoraMethod)s),
+        [typeof(XgbLoraMethod)] = s => new XGBLoRA.XgbLoraAdapter((XgbLoraMethod)s),
     };
 
     public static bool IsSupported(MethodSpec spec) => Factories.ContainsKey(spec.GetType());
@@ -100,6 +109,7 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     public const string Prefix = "base_model.model.";
     private readonly Dictionary<string, IAdapterLayer> _layers = [];
     private readonly List<(string, Tensor)> _trainable = [];
+    private readonly List<Tensor> _methodTensors = [];
 
     public MethodSpec Spec { get; } = spec;
     public IReadOnlyDictionary<string, IAdapterLayer> Layers => _layers;
@@ -107,7 +117,22 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     public long TrainableParameterCount => _trainable.Sum(t => t.Item2.NumEl);
     public bool Merged { get; private set; }
 
+    /// <summary>The job's seed, as given to <see cref="AdapterMethods.Attach"/>.</summary>
+    protected long Seed { get; private set; }
+
     protected abstract IAdapterLayer CreateLayer(Linear linear, Generator gen);
+    /// <summary>Trainable tensors the method itself owns (not one module's: VB-LoRA's shared vector bank, XGBLoRA's
+    /// booster slots), with their names; created before the layers, listed first, disposed by the base.</summary>
+    protected virtual IReadOnlyList<(string Name, Tensor Tensor)> CreateMethodTensors(Llama model, Generator gen) => [];
+    /// <summary>After every layer is attached.</summary>
+    protected virtual void OnAttached(Llama model) { }
+    /// <summary>The tensors of adapter_model.safetensors (default: the trainable tensors). Tensors created here are
+    /// freed after the save (it runs in a dispose scope).</summary>
+    protected virtual IReadOnlyDictionary<string, Tensor> NativeTensors() => _trainable.ToDictionary(t => t.Item1, t => t.Item2);
+    /// <summary>Reads the tensors of adapter_model.safetensors back (default: <see cref="LoadTrainable"/>).</summary>
+    protected virtual void LoadNative(IReadOnlyDictionary<string, Tensor> tensors) => LoadTrainable(tensors);
+    /// <summary>Frees what the method holds besides layers and method tensors.</summary>
+    protected virtual void DisposeState() { }
     /// <summary>adapter_config.json of the native form.</summary>
     protected abstract JsonObject AdapterConfig(string baseModelName);
     /// <summary>Extra portable forms (e.g. a LoRA export); returns files written, relative to <paramref name="dir"/>.
@@ -120,11 +145,19 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     public virtual Tensor? Penalty() => null;
     public virtual void EndBackward() { }
     public virtual void AfterOptimizerStep(long step, AdamW optimizer) { }
+    public virtual IReadOnlyDictionary<string, Tensor> MethodState() => new Dictionary<string, Tensor>();
+    public virtual void LoadMethodState(IReadOnlyDictionary<string, Tensor> state) { }
 
     internal void Attach(Llama model, long seed)
     {
         // Adapter init is drawn on the CPU from the job's seed, so it is the same on every device.
+        Seed = seed;
         using var gen = new Generator(seed);
+        foreach (var (name, t) in CreateMethodTensors(model, gen))
+        {
+            _methodTensors.Add(t);
+            _trainable.Add((name, t));
+        }
         for (var l = 0; l < model.Config.NumHiddenLayers; l++)
             foreach (var name in MethodSpec.AllModules.Where(Spec.TargetModules.Contains))
             {
@@ -136,6 +169,7 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
                 linear.Adapter = layer;
                 foreach (var (suffix, t) in layer.Tensors) _trainable.Add(($"{Prefix}{path}.{suffix}", t));
             }
+        OnAttached(model);
     }
 
     public virtual IReadOnlyList<ParamGroup> ParamGroups(Hyperparameters hyper) =>
@@ -198,8 +232,9 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     public IReadOnlyList<string> Save(string dir, string baseModelName)
     {
         Directory.CreateDirectory(dir);
-        var tensors = _trainable.ToDictionary(t => t.Item1, t => t.Item2);
-        Safetensors.Save(Path.Combine(dir, AdapterFiles.Weights), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        using (DisposeScope.Begin())
+        using (Torch.Torch.NoGrad())
+            Safetensors.Save(Path.Combine(dir, AdapterFiles.Weights), NativeTensors(), new Dictionary<string, string> { ["format"] = "pt" });
         AdapterFiles.WriteJson(Path.Combine(dir, AdapterFiles.Config), AdapterConfig(baseModelName));
         return [AdapterFiles.Weights, AdapterFiles.Config, .. SaveExports(dir, baseModelName)];
     }
@@ -208,7 +243,7 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     {
         var device = _trainable.Count > 0 ? _trainable[0].Item2.Device : Device.Cpu;
         var tensors = Safetensors.Load(Path.Combine(dir, AdapterFiles.Weights), device);
-        try { LoadTrainable(tensors); }
+        try { LoadNative(tensors); }
         finally { foreach (var t in tensors.Values) t.Dispose(); }
     }
 
@@ -223,7 +258,10 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
             layer.Dispose();
         }
         _layers.Clear();
+        foreach (var t in _methodTensors) t.Dispose();
+        _methodTensors.Clear();
         _trainable.Clear();
+        DisposeState();
         GC.SuppressFinalize(this);
     }
 }
