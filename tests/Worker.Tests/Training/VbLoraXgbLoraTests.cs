@@ -57,6 +57,48 @@ public sealed class VbLoraXgbLoraTests
         method.AfterOptimizerStep(step, opt);
     }
 
+    // ------------------------------------------------------------------ binding additions
+
+    [Fact]
+    public void Backward_from_several_roots_sums_their_vector_jacobian_products()
+    {
+        using var gen = new Generator(4);
+        using var x = Tensor.Randn([3, 2], gen, requiresGrad: true);
+        using var scope = DisposeScope.Begin();
+        var (g1, g2, g3) = (Tensor.Randn([3, 2], gen), Tensor.Randn([3, 2], gen), Tensor.Randn([2], gen));
+        Tensor.Backward([x * 2, x * x, x.Sum([0])], [g1, g2, null]);      // a null gradient skips its root
+        Assert.True(TestData.MaxAbsDiff(x.Grad!, g1 * 2 + x * g2 * 2) < 1e-6);
+    }
+
+    [Fact]
+    public void AdamW_reset_state_restarts_a_parameter_like_a_fresh_optimizer()
+    {
+        using var gen = new Generator(2);
+        var p = Tensor.Randn([3, 4], gen, requiresGrad: true);
+        var other = Tensor.Randn([5], gen, requiresGrad: true);
+        var otherRef = other.Detach().Clone().RequiresGrad_();
+        using var opt = new AdamW([new ParamGroup("g", [p, other], 0.1, 0.01)]);
+        using var refOpt = new AdamW([new ParamGroup("g", [otherRef], 0.1, 0.01)]);
+        static void Grad(Tensor t) { using var s = DisposeScope.Begin(); (t * t * t).Sum().Backward(); }
+        void StepAll(params AdamW[] opts) { foreach (var o in opts) { o.Step(); o.ZeroGrad(); } }
+        for (var i = 0; i < 3; i++) { Grad(p); Grad(other); Grad(otherRef); StepAll(opt, refOpt); }
+
+        opt.ResetState([p]);
+        var q = p.Detach().Clone().RequiresGrad_();
+        using var fresh = new AdamW([new ParamGroup("g", [q], 0.1, 0.01)]);
+        for (var i = 0; i < 2; i++) { Grad(p); Grad(other); Grad(otherRef); Grad(q); StepAll(opt, refOpt, fresh); }
+        Assert.True(TestData.MaxAbsDiff(p, q) < 1e-7);                 // bias correction restarted for p
+        Assert.True(TestData.MaxAbsDiff(other, otherRef) < 1e-7);      // and not for the others of its group
+
+        var state = opt.StateDict();
+        Assert.Equal(3, state["g0.p0.reset_at"].ItemLong());
+        Assert.False(state.ContainsKey("g0.p1.reset_at"));
+        using var restored = new AdamW([new ParamGroup("g", [p.Detach().Clone().RequiresGrad_(), other.Detach().Clone().RequiresGrad_()], 0.1, 0.01)]);
+        restored.LoadStateDict(state);
+        Assert.Equal(3, restored.StateDict()["g0.p0.reset_at"].ItemLong());
+        Assert.Throws<ArgumentException>(() => opt.ResetState([q]));
+    }
+
     // ------------------------------------------------------------------ VB-LoRA
 
     [Fact]
