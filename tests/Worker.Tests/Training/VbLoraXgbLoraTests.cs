@@ -272,11 +272,13 @@ public sealed class VbLoraXgbLoraTests
         }
     }
 
-    [Fact]
-    public void Vblora_top_k_form_stores_indices_and_weights_and_reproduces_outputs()
+    [Theory]
+    [InlineData(3)]
+    [InlineData(1)]     // k − 1 = 0 stored weights: the single vector has weight 1
+    public void Vblora_top_k_form_stores_indices_and_weights_and_reproduces_outputs(int k)
     {
         var dir = TestData.TempDir("vblora-topk");
-        var spec = Vb with { SaveOnlyTopkWeights = true, TopK = 3 };
+        var spec = Vb with { SaveOnlyTopkWeights = true, TopK = k };
         using var scope = DisposeScope.Begin();
         Tensor expected;
         using (var model = Llama.Load(TestData.TinyModelDir, Device.Cpu, ScalarType.Float32))
@@ -291,8 +293,8 @@ public sealed class VbLoraXgbLoraTests
             Assert.DoesNotContain(file.Entries.Keys, k => k.EndsWith("vblora_logits_A", StringComparison.Ordinal));
             var idx = file.Entries["base_model.model.model.layers.0.mlp.up_proj.vblora_logits_B_topk_indices"];
             Assert.Equal("U8", idx.DType);                      // 32 vectors: PEFT's uint8
-            Assert.Equal(new long[] { 176 / 16, 4, 3 }, idx.Shape);
-            Assert.Equal(new long[] { 176 / 16, 4, 2 }, file.Entries["base_model.model.model.layers.0.mlp.up_proj.vblora_logits_B_topk_weights"].Shape);
+            Assert.Equal(new long[] { 176 / 16, 4, k }, idx.Shape);
+            Assert.Equal(new long[] { 176 / 16, 4, k - 1 }, file.Entries["base_model.model.model.layers.0.mlp.up_proj.vblora_logits_B_topk_weights"].Shape);
             Assert.True(file.Entries.ContainsKey("base_model.vblora_vector_bank"));
         }
         Assert.Equal(ScalarType.Int16, VbLoraAdapter.IndexDType(256));
@@ -489,6 +491,76 @@ public sealed class VbLoraXgbLoraTests
             method.Load(dir);
             Assert.True(TestData.MaxAbsDiff(model.Forward(Input()), expected) < 1e-5);
         }
+    }
+
+    /// <summary>
+    /// Writes what scripts/parity/vblora_xgblora_peft.py compares against Hugging Face PEFT on a machine with PyTorch:
+    /// a tiny HF Llama folder, our VB-LoRA native artifact (full and top-k form), its lora/ export, an XGBLoRA lora/
+    /// export, the input ids and our logits for each. Set FINETUNE_PARITY_DIR to keep them. Here it checks that every
+    /// artifact reloaded by us reproduces the logits it is stored with.
+    /// </summary>
+    [Fact]
+    public void Parity_fixtures_for_peft_reproduce_our_logits()
+    {
+        var root = Environment.GetEnvironmentVariable("FINETUNE_PARITY_DIR") is { Length: > 0 } d ? d : TestData.TempDir("parity");
+        var baseDir = Path.Combine(root, "base");
+        TinyModel.Write(baseDir, seed: 11);
+        using var scope = DisposeScope.Begin();
+        var ids = Input();
+        var cases = new JsonArray();
+        void Case(string name, string adapter, string peftType, Tensor logits, MethodSpec reload)
+        {
+            Safetensors.Save(Path.Combine(root, $"{name}.logits.safetensors"), new Dictionary<string, Tensor> { ["logits"] = logits.Contiguous() });
+            cases.Add(new JsonObject { ["name"] = name, ["base"] = "base", ["adapter"] = adapter, ["peft_type"] = peftType, ["logits"] = $"{name}.logits.safetensors" });
+            using var model = Llama.Load(baseDir, Device.Cpu, ScalarType.Float32);
+            using var method = AdapterMethods.Attach(reload, model, 1);
+            method.Load(Path.Combine(root, adapter));
+            Assert.True(TestData.MaxAbsDiff(model.Forward(ids), logits) < 1e-5, name);
+        }
+
+        var vb = Vb with { TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] };
+        Dictionary<string, Tensor> trained;
+        using (var model = Llama.Load(baseDir, Device.Cpu, ScalarType.Float32))
+        using (var method = AdapterMethods.Attach(vb, model, seed: 7))
+        {
+            TestData.Randomize(method, 12, scale: 0.3);
+            var logits = model.Forward(ids).Detach();
+            method.Save(Path.Combine(root, "vblora"), "base");
+            trained = method.TrainableTensors.ToDictionary(t => t.Name, t => t.Tensor.Clone());
+            var r = (int)JsonNode.Parse(File.ReadAllText(Path.Combine(root, "vblora", "lora", "adapter_config.json")))!["r"]!;
+            Case("vblora", "vblora", "VBLORA", logits, vb);
+            Case("vblora-lora-export", "vblora/lora", "LORA", logits, new LoraMethod { R = r, Alpha = r, TargetModules = vb.TargetModules });
+        }
+        using (var model = Llama.Load(baseDir, Device.Cpu, ScalarType.Float32))
+        using (var method = AdapterMethods.Attach(vb with { SaveOnlyTopkWeights = true }, model, seed: 7))
+        {
+            method.LoadTrainable(trained);
+            method.Save(Path.Combine(root, "vblora-topk"), "base");
+            // Our logits after the round trip through the top-k form, as PEFT rebuilds it.
+            using var back = Llama.Load(baseDir, Device.Cpu, ScalarType.Float32);
+            using var loaded = AdapterMethods.Attach(vb with { SaveOnlyTopkWeights = true }, back, 1);
+            loaded.Load(Path.Combine(root, "vblora-topk"));
+            Case("vblora-topk", "vblora-topk", "VBLORA", back.Forward(ids).Detach(), vb with { SaveOnlyTopkWeights = true });
+        }
+        using (var model = Llama.Load(baseDir, Device.Cpu, ScalarType.Float32))
+        using (var method = AdapterMethods.Attach(Xgb(layersPerRound: 1, steps: 2), model, seed: 3))
+        {
+            using var opt = new AdamW(method.ParamGroups(new Hyperparameters { LearningRate = 3e-2 }));
+            for (long s = 0; s < 7; s++) Step(model, method, opt, s);
+            var logits = model.Forward(ids).Detach();
+            method.Save(Path.Combine(root, "xgblora"), "base");
+            var r = (int)JsonNode.Parse(File.ReadAllText(Path.Combine(root, "xgblora", "lora", "adapter_config.json")))!["r"]!;
+            Case("xgblora-lora-export", "xgblora/lora", "LORA", logits, new LoraMethod { R = r, Alpha = r, TargetModules = Xgb().TargetModules });
+        }
+        var manifest = new JsonObject
+        {
+            ["input_ids"] = new JsonArray(Enumerable.Range(0, (int)ids.Size(0))
+                .Select(i => (JsonNode)new JsonArray(ids.Select(0, i).ToArray<long>().Select(x => (JsonNode)x).ToArray())).ToArray()),
+            ["tolerance"] = 1e-4,
+            ["cases"] = cases,
+        };
+        AdapterFiles.WriteJson(Path.Combine(root, "cases.json"), manifest);
+        Assert.Equal(4, cases.Count);
     }
 
     [Fact]
