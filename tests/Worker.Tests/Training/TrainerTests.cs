@@ -7,6 +7,7 @@ using FineTune.Worker.Training;
 
 namespace FineTune.Worker.Tests.Training;
 
+[Collection(GlobalGeneratorCollection.Name)]
 public sealed class TrainerTests
 {
     private sealed class Recorder(Action<TrainingMetrics>? onMetrics = null) : ITrainingReporter
