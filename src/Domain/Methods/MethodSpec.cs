@@ -13,6 +13,8 @@ namespace FineTune.Domain.Methods;
 [JsonDerivedType(typeof(BoneMethod), "bone")]
 [JsonDerivedType(typeof(BatMethod), "bat")]
 [JsonDerivedType(typeof(SboraMethod), "sbora")]
+[JsonDerivedType(typeof(VbLoraMethod), "vblora")]
+[JsonDerivedType(typeof(XgbLoraMethod), "xgblora")]
 public abstract record MethodSpec
 {
     /// <summary>Short module names to adapt (HF names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).</summary>
@@ -55,6 +57,11 @@ public abstract record MethodSpec
 
     /// <summary>Trainable parameters this method adds to one module of shape (out, in).</summary>
     public abstract long TrainableParameters(ModuleShape module);
+
+    /// <summary>Trainable parameters on a whole model: every decoder layer's targeted modules, plus whatever the method
+    /// shares across modules (VB-LoRA's bank) or minus what it trains only part of the time (XGBLoRA's layer subsets).</summary>
+    public virtual long TotalTrainableParameters(ModelConfig config) =>
+        config.NumHiddenLayers * Targeted(config.LayerLinears()).Sum(TrainableParameters);
 
     protected IEnumerable<ModuleShape> Targeted(IReadOnlyList<ModuleShape> shapes) =>
         shapes.Where(s => TargetModules.Contains(s.Name));

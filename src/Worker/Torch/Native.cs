@@ -114,6 +114,9 @@ internal static unsafe class Native
     [DllImport(Lib)] internal static extern IntPtr ft_masked_fill(IntPtr a, IntPtr mask, double value);
     [DllImport(Lib)] internal static extern int ft_inplace(IntPtr a, int op, IntPtr other, double s1, double s2, IntPtr gen);
     [DllImport(Lib)] internal static extern int ft_backward(IntPtr a, IntPtr grad, int retainGraph);
+    // ---- begin: multi-root backward (VB-LoRA) ----
+    [DllImport(Lib)] internal static extern int ft_backward_many(IntPtr* roots, IntPtr* grads, int n, int retainGraph);
+    // ---- end: multi-root backward ----
 
     [DllImport(Lib)] internal static extern IntPtr ft_linear(IntPtr x, IntPtr w, IntPtr b);
     [DllImport(Lib)] internal static extern IntPtr ft_embedding(IntPtr w, IntPtr ids);

@@ -267,4 +267,23 @@ public sealed unsafe partial class Tensor
         GC.KeepAlive(this);
         GC.KeepAlive(gradient);
     }
+
+    // ---- begin: multi-root backward (VB-LoRA) ----
+    /// <summary>One autograd pass from several roots with their incoming gradients (torch.autograd.backward(tensors,
+    /// grad_tensors)); a null gradient skips its root.</summary>
+    public static void Backward(IReadOnlyList<Tensor> roots, IReadOnlyList<Tensor?> gradients, bool retainGraph = false)
+    {
+        if (roots.Count != gradients.Count) throw new ArgumentException($"{roots.Count} roots but {gradients.Count} gradients");
+        var r = new IntPtr[roots.Count];
+        var g = new IntPtr[roots.Count];
+        for (var i = 0; i < r.Length; i++)
+        {
+            r[i] = roots[i].Handle;
+            g[i] = gradients[i]?.Handle ?? IntPtr.Zero;
+        }
+        fixed (IntPtr* pr = r, pg = g) Native.Check(Native.ft_backward_many(pr, pg, r.Length, retainGraph ? 1 : 0));
+        GC.KeepAlive(roots);
+        GC.KeepAlive(gradients);
+    }
+    // ---- end: multi-root backward ----
 }

@@ -16,7 +16,8 @@ public sealed record LoopState(long Step, DataPosition Position, long TokensSeen
 
 /// <summary>
 /// A checkpoint is one safetensors file, <c>step-&lt;n&gt;.safetensors</c>: the trainable tensors as
-/// <c>adapter.&lt;PEFT name&gt;</c>, the optimizer state as <c>optim.&lt;key&gt;</c>, and in <c>__metadata__</c> the loop
+/// <c>adapter.&lt;PEFT name&gt;</c>, the optimizer state as <c>optim.&lt;key&gt;</c>, the method's own state if it has any
+/// (<see cref="IAdapterMethod.MethodState"/>, e.g. XGBLoRA's merged boosters) as <c>method.&lt;key&gt;</c>, and in <c>__metadata__</c> the loop
 /// state, seed, method and hyperparameters (to refuse a checkpoint of another job). Randomness needs no saved state:
 /// every step reseeds libtorch from (seed, step).
 /// </summary>
@@ -37,6 +38,8 @@ public static class Checkpoint
         var tensors = new Dictionary<string, Tensor>();
         foreach (var (name, t) in method.TrainableTensors.Concat(method.FrozenTensors)) tensors[$"adapter.{name}"] = t;
         foreach (var (key, t) in optimState) tensors[$"optim.{key}"] = t;
+        var methodState = method.MethodState();
+        foreach (var (key, t) in methodState) tensors[$"method.{key}"] = t;
         var inv = CultureInfo.InvariantCulture;
         var meta = new Dictionary<string, string>
         {
@@ -55,8 +58,13 @@ public static class Checkpoint
             ["hyperparameters"] = JsonSerializer.Serialize(hyper, Json),
         };
         try { Safetensors.Save(path, tensors, meta); }
-        // The optimizer's state tensors are its own; only the step scalar is made for us.
-        finally { if (optimState.TryGetValue("step", out var stepTensor)) stepTensor.Dispose(); }
+        finally
+        {
+            // The optimizer's moment tensors are its own; its scalars and the method state are made for us.
+            foreach (var (key, t) in optimState)
+                if (key == "step" || key.EndsWith(".reset_at", StringComparison.Ordinal)) t.Dispose();
+            foreach (var t in methodState.Values) t.Dispose();
+        }
         return path;
     }
 
@@ -82,6 +90,7 @@ public static class Checkpoint
         {
             method.LoadTrainable(Strip(tensors, "adapter."));
             optimizer.LoadStateDict(Strip(tensors, "optim."));
+            method.LoadMethodState(Strip(tensors, "method."));
         }
         finally { foreach (var t in tensors.Values) t.Dispose(); }
 

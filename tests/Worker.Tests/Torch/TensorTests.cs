@@ -4,6 +4,7 @@ using FineTune.Worker.Torch;
 
 namespace FineTune.Worker.Tests.Torch;
 
+[Collection(GlobalGeneratorCollection.Name)]
 public sealed class TensorTests
 {
     [Fact]

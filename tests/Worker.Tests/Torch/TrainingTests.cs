@@ -4,6 +4,7 @@ using FineTune.Worker.Torch.Optim;
 
 namespace FineTune.Worker.Tests.Torch;
 
+[Collection(GlobalGeneratorCollection.Name)]
 public sealed class TrainingTests
 {
     private sealed class Mlp : Module

@@ -7,6 +7,7 @@ using FineTune.Worker.Training;
 
 namespace FineTune.Worker.Tests.Training;
 
+[Collection(GlobalGeneratorCollection.Name)]
 public sealed class TrainerTests
 {
     private sealed class Recorder(Action<TrainingMetrics>? onMetrics = null) : ITrainingReporter
@@ -47,7 +48,7 @@ public sealed class TrainerTests
         new(TestData.TinyModelDir, new ByteTokenizer(), TestData.TextSet(), validation, method, hyper, TestData.Device, ScalarType.Float32,
             TestData.TempDir("ckpt"), resume, TestData.TempDir("out"), logEvery, checkpointEvery, "tiny-base", "abc123");
 
-    public static TheoryData<string> Methods => new() { "lora", "bone" };
+    public static TheoryData<string> Methods => new() { "lora", "bone", "vblora", "xgblora" };
     public static TheoryData<string> MoreMethods => new() { "bone-mini", "bat-col", "bat-row", "sbora-fa", "sbora-fb" };
 
     private static MethodSpec TrainingMethod(string name) => name switch
@@ -61,6 +62,8 @@ public sealed class TrainerTests
         // With the paper's dropout 0.05: the loop's dropout path runs too.
         "sbora-fa" => new SboraMethod { R = 16, Alpha = 32, TargetModules = MethodSpec.AllModules },
         "sbora-fb" => new SboraMethod { Variant = "fb", R = 16, Alpha = 32, TargetModules = MethodSpec.AllModules },
+        "vblora" => new VbLoraMethod { R = 4, NumVectors = 64, VectorLength = 16, TargetModules = MethodSpec.AllModules, LogitsLearningRate = 0.1, VectorBankLearningRate = 1e-2 },
+        "xgblora" => new XgbLoraMethod { Rank = 1, LayersPerRound = 2, StepsPerRound = 10, Alpha = 4, TargetModules = MethodSpec.AllModules },
         _ => throw new ArgumentException(name),
     };
 
@@ -86,7 +89,7 @@ public sealed class TrainerTests
 
         Assert.Contains("adapter_model.safetensors", result.Files);
         Assert.Contains("metadata.json", result.Files);
-        Assert.Equal(name == "bone", result.Files.Contains("lora/adapter_config.json"));
+        Assert.Equal(name != "lora", result.Files.Contains("lora/adapter_config.json"));
         Assert.All(result.Files, f => Assert.True(File.Exists(Path.Combine(spec.OutputDir, f)), f));
         var meta = JsonNode.Parse(File.ReadAllText(Path.Combine(spec.OutputDir, "metadata.json")))!;
         Assert.Equal(method.Type, (string?)meta["method"]!["type"]);
@@ -154,6 +157,51 @@ public sealed class TrainerTests
         var b = Safetensors.Load(Path.Combine(second.OutputDir, "adapter_model.safetensors"));
         Assert.Equal(a.Keys.Order(), b.Keys.Order());
         Assert.All(a.Keys, k => Assert.True(TestData.MaxAbsDiff(a[k], b[k]) < 1e-6, k));
+    }
+
+    /// <summary>XGBLoRA's merged boosters live in the checkpoint's method state: a run resumed mid-round (step 2 of κ = 3)
+    /// or exactly at a round boundary (step 6, two rounds merged) re-merges them into the fresh base and continues exactly.</summary>
+    [Theory]
+    [InlineData(2)]
+    [InlineData(6)]
+    public async Task Xgblora_resumes_exactly_mid_round_and_at_a_round_boundary(int from)
+    {
+        var method = new XgbLoraMethod { Rank = 1, LayersPerRound = 1, StepsPerRound = 3, L2 = 1e-3, Shrinkage = 0.7, Alpha = 2, TargetModules = ["q_proj", "up_proj"] };
+        var hyper = new Hyperparameters
+        {
+            BatchSize = 3, GradientAccumulationSteps = 2, LearningRate = 2e-2, WarmupSteps = 1, Scheduler = "cosine",
+            MaxSteps = 8, WeightDecay = 0.01, MaxGradNorm = 1.0, MaxSeqLength = 48,
+        };
+        var validation = TestData.TextSet(4);
+        var straight = new Recorder();
+        var full = Spec(method, hyper, validation, checkpointEvery: 2);
+        await new Trainer().RunAsync(full, straight, TestContext.Current.CancellationToken);
+        var path = straight.Checkpoints.Single(c => c.Step == from).Path;
+        var keys = SafetensorsFile.Open(path);
+        using (keys)
+        {
+            Assert.Contains("method.rounds", keys.Entries.Keys);
+            Assert.Equal(from >= 3, keys.Entries.Keys.Any(k => k.StartsWith("method.model.layers.", StringComparison.Ordinal)));
+            if (from >= 3) Assert.Contains(keys.Entries.Keys, k => k.EndsWith(".reset_at", StringComparison.Ordinal));
+        }
+
+        var resumed = new Recorder();
+        var second = Spec(method, hyper, validation, resume: path, checkpointEvery: 2);
+        var result = await new Trainer().RunAsync(second, resumed, TestContext.Current.CancellationToken);
+        Assert.Equal(from, resumed.ResumedFrom);
+        Assert.Equal(8, result.Steps);
+        foreach (var m in resumed.Metrics)
+        {
+            var s = straight.Metrics.Single(x => x.Step == m.Step);
+            Assert.Equal(s.Loss, m.Loss, 1e-6);
+            Assert.Equal(s.ValidationLoss!.Value, m.ValidationLoss!.Value, 1e-6);
+        }
+        var a = Safetensors.Load(Path.Combine(full.OutputDir, "adapter_model.safetensors"));
+        var b = Safetensors.Load(Path.Combine(second.OutputDir, "adapter_model.safetensors"));
+        Assert.Equal(a.Keys.Order(), b.Keys.Order());
+        Assert.All(a.Keys, k => Assert.True(TestData.MaxAbsDiff(a[k].To(ScalarType.Float32), b[k].To(ScalarType.Float32)) < 1e-6, k));
+        var config = JsonNode.Parse(File.ReadAllText(Path.Combine(full.OutputDir, "adapter_config.json")))!;
+        Assert.Equal(3, (int)config["rounds"]!);     // rounds 0 and 1 merged, round 2 two steps in
     }
 
     [Fact]

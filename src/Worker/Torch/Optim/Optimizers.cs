@@ -10,6 +10,8 @@ public sealed unsafe class AdamW : IDisposable
 {
     private readonly double _beta1, _beta2, _eps;
     private readonly Tensor[][] _expAvg, _expAvgSq;
+    // StepCount when ResetState last cleared a parameter (0: never): its bias correction counts from there.
+    private readonly long[][] _resetAt;
     private readonly double[] _lr;
     private bool _disposed;
 
@@ -20,6 +22,7 @@ public sealed unsafe class AdamW : IDisposable
         _lr = groups.Select(g => g.LearningRate).ToArray();
         _expAvg = groups.Select(g => g.Parameters.Select(NewState).ToArray()).ToArray();
         _expAvgSq = groups.Select(g => g.Parameters.Select(NewState).ToArray()).ToArray();
+        _resetAt = groups.Select(g => new long[g.Parameters.Count]).ToArray();
     }
 
     private static Tensor NewState(Tensor p)
@@ -45,17 +48,51 @@ public sealed unsafe class AdamW : IDisposable
         StepCount++;
         for (var g = 0; g < Groups.Count; g++)
         {
-            var ps = Handles(Groups[g].Parameters);
-            var m = Handles(_expAvg[g]);
-            var v = Handles(_expAvgSq[g]);
-            fixed (IntPtr* pp = ps, pm = m, pv = v)
-                Native.Check(Native.ft_adamw_step(pp, pm, pv, ps.Length, _lr[g], _beta1, _beta2, _eps, Groups[g].WeightDecay, StepCount));
+            var resetAt = _resetAt[g];
+            // Parameters reset at different steps have different bias corrections: one native call per reset point
+            // (almost always one call per group).
+            foreach (var at in resetAt.Distinct())
+            {
+                var idx = Enumerable.Range(0, resetAt.Length).Where(i => resetAt[i] == at).ToArray();
+                var ps = idx.Select(i => Groups[g].Parameters[i].Handle).ToArray();
+                var m = idx.Select(i => _expAvg[g][i].Handle).ToArray();
+                var v = idx.Select(i => _expAvgSq[g][i].Handle).ToArray();
+                fixed (IntPtr* pp = ps, pm = m, pv = v)
+                    Native.Check(Native.ft_adamw_step(pp, pm, pv, ps.Length, _lr[g], _beta1, _beta2, _eps, Groups[g].WeightDecay, StepCount - at));
+            }
         }
         GC.KeepAlive(Groups);
+        GC.KeepAlive(_expAvg);
+        GC.KeepAlive(_expAvgSq);
+    }
+
+    /// <summary>
+    /// Forgets the moments of <paramref name="parameters"/> (each must belong to a group) and restarts their bias
+    /// correction, as a fresh AdamW would for a newly created parameter (XGBLoRA re-initialises its boosters every round).
+    /// </summary>
+    public void ResetState(IEnumerable<Tensor> parameters)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        using var _ = Torch.NoGrad();
+        foreach (var p in parameters)
+        {
+            var found = false;
+            for (var g = 0; g < Groups.Count && !found; g++)
+                for (var i = 0; i < Groups[g].Parameters.Count && !found; i++)
+                    if (ReferenceEquals(Groups[g].Parameters[i], p))
+                    {
+                        _expAvg[g][i].Zero_();
+                        _expAvgSq[g][i].Zero_();
+                        _resetAt[g][i] = StepCount;
+                        found = true;
+                    }
+            if (!found) throw new ArgumentException($"tensor {p} is not a parameter of this optimizer", nameof(parameters));
+        }
     }
 
     public void ZeroGrad() => OptimUtil.ZeroGrad(Groups);
 
+    /// <summary>The moment tensors are the optimizer's own (do not dispose them); "step" and any "…reset_at" scalars are new.</summary>
     public Dictionary<string, Tensor> StateDict()
     {
         var d = new Dictionary<string, Tensor>();
@@ -64,6 +101,7 @@ public sealed unsafe class AdamW : IDisposable
             {
                 d[$"g{g}.p{i}.exp_avg"] = _expAvg[g][i];
                 d[$"g{g}.p{i}.exp_avg_sq"] = _expAvgSq[g][i];
+                if (_resetAt[g][i] != 0) d[$"g{g}.p{i}.reset_at"] = Tensor.Scalar(_resetAt[g][i], ScalarType.Int64);
             }
         d["step"] = Tensor.Scalar(StepCount, ScalarType.Int64);
         return d;
@@ -86,6 +124,9 @@ public sealed unsafe class AdamW : IDisposable
                             $"AdamW state '{key}' has shape [{string.Join(",", src.Shape)}], expected [{string.Join(",", target.Shape)}]");
                     target.Copy_(src);
                 }
+        for (var g = 0; g < Groups.Count; g++)
+            for (var i = 0; i < _resetAt[g].Length; i++)
+                _resetAt[g][i] = state.TryGetValue($"g{g}.p{i}.reset_at", out var at) ? at.ItemLong() : 0;
         StepCount = step.ItemLong();
     }
 

@@ -513,6 +513,22 @@ FT_API int ft_backward(T a, T grad, int retain_graph) {
   })
 }
 
+// ---- begin: multi-root backward (VB-LoRA composes its factors once per step and backpropagates them once) ----
+// One autograd pass from several roots, each with its incoming gradient (a null gradient skips that root).
+FT_API int ft_backward_many(T* roots, T* grads, int n, int retain_graph) {
+  FT_TRY(-1, {
+    std::vector<at::Tensor> r, g;
+    for (int i = 0; i < n; ++i) {
+      if (!grads[i]) continue;
+      r.push_back(*roots[i]);
+      g.push_back(*grads[i]);
+    }
+    if (!r.empty()) torch::autograd::backward(r, g, retain_graph != 0, false);
+    return 0;
+  })
+}
+// ---- end: multi-root backward ----
+
 // ---------------------------------------------------------------- functional
 FT_API T ft_linear(T x, T w, T b) {
   FT_TRY(nullptr, { return wrap(b ? at::linear(*x, *w, *b) : at::linear(*x, *w)); })

@@ -18,7 +18,8 @@ public interface IAdapterMethod : IDisposable
     MethodSpec Spec { get; }
     /// <summary>Adapter layers by HF module path (model.layers.N.self_attn.q_proj).</summary>
     IReadOnlyDictionary<string, IAdapterLayer> Layers { get; }
-    /// <summary>Trainable tensors with their PEFT names (base_model.model.&lt;path&gt;.&lt;suffix&gt;), in a fixed order.</summary>
+    /// <summary>Trainable tensors with their PEFT names (base_model.model.&lt;path&gt;.&lt;suffix&gt;, or base_model.&lt;name&gt; for a
+    /// method-level tensor such as VB-LoRA's shared vector bank), in a fixed order.</summary>
     IReadOnlyList<(string Name, Tensor Tensor)> TrainableTensors { get; }
     /// <summary>Frozen tensors that are part of the adapter (SBoRA's index sets), with their names: saved beside the
     /// trainable ones in the native form and in checkpoints, and restored by <see cref="LoadTrainable"/>.</summary>
@@ -55,6 +56,12 @@ public interface IAdapterMethod : IDisposable
     /// <summary>After the optimizer step <paramref name="step"/> (0-based) has been applied.</summary>
     void AfterOptimizerStep(long step, AdamW optimizer);
 
+    /// <summary>State besides the trainable tensors that a resumed run needs to continue exactly (XGBLoRA: the merged
+    /// boosters and the rounds' layer subsets), by key; empty for most methods. The tensors are new: the caller disposes them.</summary>
+    IReadOnlyDictionary<string, Tensor> MethodState();
+    /// <summary>Restores <see cref="MethodState"/> after the trainable tensors and the optimizer state were loaded.</summary>
+    void LoadMethodState(IReadOnlyDictionary<string, Tensor> state);
+
     /// <summary>What the last <see cref="Save"/> wrote as portable exports (e.g. <c>lora/</c>: rank, exact or the SVD
     /// error per module), for the adapter's metadata.json; null when the method wrote none.</summary>
     JsonObject? ExportInfo { get; }
@@ -82,6 +89,8 @@ public static class AdapterMethods
         [typeof(BoneMethod)] = s => new Bone.BoneAdapter((BoneMethod)s),
         [typeof(BatMethod)] = s => new Bat.BatAdapter((BatMethod)s),
         [typeof(SboraMethod)] = s => new SBoRA.SboraAdapter((SboraMethod)s),
+        [typeof(VbLoraMethod)] = s => new VBLoRA.VbLoraAdapter((VbLoraMethod)s),
+        [typeof(XgbLoraMethod)] = s => new XGBLoRA.XgbLoraAdapter((XgbLoraMethod)s),
     };
 
     public static bool IsSupported(MethodSpec spec) => Factories.ContainsKey(spec.GetType());
@@ -108,6 +117,7 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     private readonly Dictionary<string, IAdapterLayer> _layers = [];
     private readonly List<(string, Tensor)> _trainable = [];
     private readonly List<(string, Tensor)> _frozen = [];
+    private readonly List<Tensor> _methodTensors = [];
 
     public MethodSpec Spec { get; } = spec;
     public IReadOnlyDictionary<string, IAdapterLayer> Layers => _layers;
@@ -116,7 +126,22 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     public long TrainableParameterCount => _trainable.Sum(t => t.Item2.NumEl);
     public bool Merged { get; private set; }
 
+    /// <summary>The job's seed, as given to <see cref="AdapterMethods.Attach"/>.</summary>
+    protected long Seed { get; private set; }
+
     protected abstract IAdapterLayer CreateLayer(Linear linear, Generator gen);
+    /// <summary>Trainable tensors the method itself owns (not one module's: VB-LoRA's shared vector bank, XGBLoRA's
+    /// booster slots), with their names; created before the layers, listed first, disposed by the base.</summary>
+    protected virtual IReadOnlyList<(string Name, Tensor Tensor)> CreateMethodTensors(Llama model, Generator gen) => [];
+    /// <summary>After every layer is attached.</summary>
+    protected virtual void OnAttached(Llama model) { }
+    /// <summary>The tensors of adapter_model.safetensors (default: the trainable and frozen tensors). Tensors created here are
+    /// freed after the save (it runs in a dispose scope).</summary>
+    protected virtual IReadOnlyDictionary<string, Tensor> NativeTensors() => _trainable.Concat(_frozen).ToDictionary(t => t.Item1, t => t.Item2);
+    /// <summary>Reads the tensors of adapter_model.safetensors back (default: <see cref="LoadTrainable"/>).</summary>
+    protected virtual void LoadNative(IReadOnlyDictionary<string, Tensor> tensors) => LoadTrainable(tensors);
+    /// <summary>Frees what the method holds besides layers and method tensors.</summary>
+    protected virtual void DisposeState() { }
     /// <summary>adapter_config.json of the native form.</summary>
     protected abstract JsonObject AdapterConfig(string baseModelName);
     /// <summary>Extra portable forms (e.g. a LoRA export); returns files written, relative to <paramref name="dir"/>.
@@ -129,11 +154,19 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     public virtual Tensor? Penalty() => null;
     public virtual void EndBackward() { }
     public virtual void AfterOptimizerStep(long step, AdamW optimizer) { }
+    public virtual IReadOnlyDictionary<string, Tensor> MethodState() => new Dictionary<string, Tensor>();
+    public virtual void LoadMethodState(IReadOnlyDictionary<string, Tensor> state) { }
 
     internal void Attach(Llama model, long seed)
     {
         // Adapter init is drawn on the CPU from the job's seed, so it is the same on every device.
+        Seed = seed;
         using var gen = new Generator(seed);
+        foreach (var (name, t) in CreateMethodTensors(model, gen))
+        {
+            _methodTensors.Add(t);
+            _trainable.Add((name, t));
+        }
         for (var l = 0; l < model.Config.NumHiddenLayers; l++)
             foreach (var name in MethodSpec.AllModules.Where(Spec.TargetModules.Contains))
             {
@@ -146,6 +179,7 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
                 foreach (var (suffix, t) in layer.Tensors) _trainable.Add(($"{Prefix}{path}.{suffix}", t));
                 foreach (var (suffix, t) in layer.Frozen) _frozen.Add(($"{Prefix}{path}.{suffix}", t));
             }
+        OnAttached(model);
     }
 
     public virtual IReadOnlyList<ParamGroup> ParamGroups(Hyperparameters hyper) =>
@@ -218,8 +252,9 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     public IReadOnlyList<string> Save(string dir, string baseModelName)
     {
         Directory.CreateDirectory(dir);
-        var tensors = _trainable.Concat(_frozen).ToDictionary(t => t.Item1, t => t.Item2);
-        Safetensors.Save(Path.Combine(dir, AdapterFiles.Weights), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        using (DisposeScope.Begin())
+        using (Torch.Torch.NoGrad())
+            Safetensors.Save(Path.Combine(dir, AdapterFiles.Weights), NativeTensors(), new Dictionary<string, string> { ["format"] = "pt" });
         AdapterFiles.WriteJson(Path.Combine(dir, AdapterFiles.Config), AdapterConfig(baseModelName));
         return [AdapterFiles.Weights, AdapterFiles.Config, .. SaveExports(dir, baseModelName)];
     }
@@ -228,7 +263,7 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     {
         var device = _trainable.Count > 0 ? _trainable[0].Item2.Device : Device.Cpu;
         var tensors = Safetensors.Load(Path.Combine(dir, AdapterFiles.Weights), device);
-        try { LoadTrainable(tensors); }
+        try { LoadNative(tensors); }
         finally { foreach (var t in tensors.Values) t.Dispose(); }
     }
 
@@ -243,8 +278,11 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
             layer.Dispose();
         }
         _layers.Clear();
+        foreach (var t in _methodTensors) t.Dispose();
+        _methodTensors.Clear();
         _trainable.Clear();
         _frozen.Clear();
+        DisposeState();
         GC.SuppressFinalize(this);
     }
 }
