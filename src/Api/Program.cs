@@ -1,13 +1,18 @@
+using FineTune.Api.BaseModels;
 using FineTune.Api.Endpoints;
 using FineTune.Api.Infrastructure;
 using FineTune.Api.Submission;
 using FineTune.Domain;
+using FineTune.Domain.Datasets;
+using FineTune.Domain.Models;
+using FineTune.Domain.Remote;
 using FineTune.Domain.Dispatch;
 using FineTune.Domain.Persistence;
 using FineTune.Domain.Tenants;
 using Microsoft.AspNetCore.Authentication;
 using Microsoft.AspNetCore.Diagnostics.HealthChecks;
 using Microsoft.EntityFrameworkCore;
+using Microsoft.Extensions.Options;
 
 var builder = WebApplication.CreateBuilder(args);
 builder.AddFineTuneLogging();
@@ -18,7 +23,12 @@ builder.Services.AddFineTuneDb(connectionString);
 builder.Services.AddFineTuneDispatch(builder.Configuration, connectionString);
 builder.Services.Configure<StorageOptions>(builder.Configuration.GetSection(StorageOptions.Section));
 builder.Services.AddSingleton(SubmissionOptions.From(builder.Configuration));
-builder.Services.AddSingleton<ModelResolver>().AddSingleton<DatasetCheck>().AddSingleton<SubmissionParser>();
+builder.Services.AddSingleton(RemoteOptions.From(builder.Configuration)).AddSingleton<RemoteFetcher>();
+builder.Services.AddSingleton(DatasetOptions.From(builder.Configuration));
+builder.Services.AddSingleton(sp => new ModelCache(sp.GetRequiredService<IOptions<StorageOptions>>().Value.EffectiveModelCache, sp.GetRequiredService<RemoteFetcher>()));
+builder.Services.AddSingleton(sp => new DatasetSource(sp.GetRequiredService<IOptions<StorageOptions>>().Value.EffectiveDataRoots,
+    sp.GetRequiredService<RemoteFetcher>(), sp.GetRequiredService<DatasetOptions>().Limits));
+builder.Services.AddSingleton<ModelResolver>().AddSingleton<DatasetCheck>().AddSingleton<SubmissionParser>().AddSingleton<BaseModelRegistry>();
 builder.Services.ConfigureHttpJsonOptions(o =>
 {
     foreach (var c in DomainJson.Options.Converters) o.SerializerOptions.Converters.Add(c);
@@ -42,6 +52,9 @@ if (app.Configuration["Bootstrap:ApiKey"] is { Length: > 0 } bootstrapKey)
     await scope.ServiceProvider.GetRequiredService<FineTuneDbContext>()
         .EnsureTenantKeyAsync(app.Configuration["Bootstrap:Tenant"] ?? "default", bootstrapKey, Roles.Admin, CancellationToken.None);
 }
+// The Models configuration (name → folder) is seeded into the base-model registry, the one place names resolve.
+await app.Services.GetRequiredService<BaseModelRegistry>()
+    .SeedAsync(app.Services.GetRequiredService<SubmissionOptions>().Models, app.Lifetime.ApplicationStopping);
 
 app.UseExceptionHandler();
 app.UseStatusCodePages();
@@ -55,6 +68,7 @@ app.MapHealthChecks("/health/live", new HealthCheckOptions { Predicate = _ => fa
 app.MapHealthChecks("/health/ready", new HealthCheckOptions { Predicate = c => c.Tags.Contains("ready") });
 app.MapFineTunes();
 app.MapAdapters();
+app.MapBaseModels();
 
 app.Run();
 

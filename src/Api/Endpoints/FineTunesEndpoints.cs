@@ -79,6 +79,11 @@ public static class FineTunesEndpoints
             ValidationData = s.Request.ValidationData, Method = s.Request.Method, Hyperparameters = s.Hyperparameters,
             AdapterName = s.Request.AdapterName, Pool = s.Pool, Priority = Priorities.ToInt(s.Priority),
             IdempotencyKey = idempotencyKey, RequestHash = s.RequestHash,
+            ModelUri = s.ModelUri, ModelSha256 = s.ModelSha256,
+            DatasetSha256 = s.Training?.Sha256, TrainingExamples = s.Training?.Examples, DatasetTokens = s.Training?.Tokens,
+            DatasetTruncated = s.Training?.Truncated, ValidationSha256 = s.Validation?.Sha256,
+            ValidationExamples = s.Validation?.Examples, ValidationTokens = s.Validation?.Tokens,
+            EstimatedTokens = s.Estimate?.Tokens, EstimatedSeconds = s.Estimate?.Seconds,
         };
         job.Created();
         db.Jobs.Add(job);
@@ -257,6 +262,10 @@ public static class FineTunesEndpoints
             Status = 400, Title = "Invalid query", Detail = $"{field}: {message}",
         });
 
-    internal static ProblemHttpResult Problem(SubmissionError e) =>
-        TypedResults.Problem(new HttpValidationProblemDetails(e.Errors) { Status = e.Status, Title = e.Title, Detail = e.Detail });
+    internal static ProblemHttpResult Problem(SubmissionError e)
+    {
+        var problem = new HttpValidationProblemDetails(e.Errors) { Status = e.Status, Title = e.Title, Detail = e.Detail };
+        foreach (var (k, v) in e.Extensions ?? new Dictionary<string, object?>()) problem.Extensions[k] = v;
+        return TypedResults.Problem(problem);
+    }
 }

@@ -3,6 +3,7 @@ using System.Text.Json;
 using FineTune.Domain.Adapters;
 using FineTune.Domain.Jobs;
 using FineTune.Domain.Methods;
+using FineTune.Domain.Models;
 using FineTune.Domain.Tenants;
 using Microsoft.EntityFrameworkCore;
 using Microsoft.EntityFrameworkCore.ChangeTracking;
@@ -23,6 +24,7 @@ public sealed class FineTuneDbContext(DbContextOptions<FineTuneDbContext> option
     public DbSet<Adapter> Adapters => Set<Adapter>();
     public DbSet<Tenant> Tenants => Set<Tenant>();
     public DbSet<ApiKey> ApiKeys => Set<ApiKey>();
+    public DbSet<BaseModel> BaseModels => Set<BaseModel>();
 
     protected override void OnModelCreating(ModelBuilder b)
     {
@@ -55,6 +57,12 @@ public sealed class FineTuneDbContext(DbContextOptions<FineTuneDbContext> option
         });
         b.Entity<Tenant>(e => { e.ToTable("tenants"); e.HasIndex(t => t.Name).IsUnique(); });
         b.Entity<ApiKey>(e => { e.ToTable("api_keys"); e.HasIndex(k => k.Prefix); });
+        b.Entity<BaseModel>(e =>
+        {
+            e.ToTable("base_models");
+            e.HasIndex(m => m.Name).IsUnique();
+            Json(e.Property(m => m.Modules));
+        });
 
         foreach (var entity in b.Model.GetEntityTypes())
             foreach (var p in entity.GetProperties())
