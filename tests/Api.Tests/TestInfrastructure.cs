@@ -133,7 +133,11 @@ public class ApiFactory : WebApplicationFactory<Program>, IAsyncLifetime
         builder.UseSetting("Serilog:MinimumLevel", "Warning");
         if (UseRecordingDispatcher)
             builder.ConfigureTestServices(s => s.Replace(ServiceDescriptor.Singleton<IJobDispatcher>(Dispatcher)));
+        foreach (var (key, value) in Settings) builder.UseSetting(key, value);
     }
+
+    /// <summary>Extra configuration of a factory subclass (limits, remote-fetch rules).</summary>
+    protected virtual IEnumerable<(string Key, string Value)> Settings => [];
 
     public FineTuneDbContext Db() =>
         new(new DbContextOptionsBuilder<FineTuneDbContext>().UseNpgsql(Database.ConnectionString).Options);

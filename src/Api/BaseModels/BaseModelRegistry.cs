@@ -29,7 +29,8 @@ public sealed partial class BaseModelRegistry(ModelResolver models, IDbContextFa
         var errors = new Dictionary<string, string[]>();
         if (!NamePattern().IsMatch(r.Name)) errors["name"] = ["must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"];
         if (r.Sha256 is not null && !WeightsDigest.IsSha256(r.Sha256)) errors["sha256"] = ["must be 64 hexadecimal characters"];
-        var (model, error) = await Build(r.Name, r.Uri, r.Sha256?.ToLowerInvariant(), confine: true, ct);
+        var sha = errors.ContainsKey("sha256") ? null : r.Sha256?.ToLowerInvariant();
+        var (model, error) = await Build(r.Name, r.Uri, sha, confine: true, ct);
         if (error is not null) errors[error.Value.Field] = [error.Value.Message];
         if (errors.Count > 0)
             return (null, new(StatusCodes.Status422UnprocessableEntity, "The base model is not valid",

@@ -26,13 +26,20 @@ public sealed record JobDto(
         j.ErrorCode is null ? null : new ErrorDto(j.ErrorCode, j.ErrorMessage ?? ""), j.AdapterId, j.CancelRequested,
         j.Attempt, j.CreatedAt, j.StartedAt, j.FinishedAt)
     {
-        Dataset = j.DatasetSha256 is null ? null : new DatasetDto(j.TrainingExamples, j.DatasetTokens, j.DatasetTruncated, j.DatasetSha256),
-        ValidationDataset = j.ValidationSha256 is null ? null : new DatasetDto(j.ValidationExamples, j.ValidationTokens, null, j.ValidationSha256),
+        Dataset = j.DatasetSha256 is null ? null
+            : new DatasetDto(j.TrainingExamples, j.DatasetTokens, j.DatasetTruncated, j.DatasetSkipped, j.DatasetSha256),
+        ValidationDataset = j.ValidationSha256 is null ? null
+            : new DatasetDto(j.ValidationExamples, j.ValidationTokens, null, null, j.ValidationSha256),
         Estimate = j.EstimatedTokens is null ? null : new EstimateDto(j.EstimatedTokens.Value, j.EstimatedSeconds),
     };
 }
 
-public sealed record DatasetDto(int? Examples, long? Tokens, int? Truncated, string Sha256);
+/// <param name="Examples">Examples that will be trained on.</param>
+/// <param name="Tokens">Their tokens, after truncation to maxSeqLength.</param>
+/// <param name="Truncated">Examples cut to maxSeqLength.</param>
+/// <param name="Skipped">Examples left out: once cut, nothing of their completion remained.</param>
+/// <param name="Sha256">sha256 of the file's bytes; the worker refuses the job if the content changed.</param>
+public sealed record DatasetDto(int? Examples, long? Tokens, int? Truncated, int? Skipped, string Sha256);
 public sealed record EstimateDto(long Tokens, double? Seconds);
 
 public sealed record ProgressDto(int Step, int TotalSteps);

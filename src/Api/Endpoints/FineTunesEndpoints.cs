@@ -81,7 +81,7 @@ public static class FineTunesEndpoints
             IdempotencyKey = idempotencyKey, RequestHash = s.RequestHash,
             ModelUri = s.ModelUri, ModelSha256 = s.ModelSha256,
             DatasetSha256 = s.Training?.Sha256, TrainingExamples = s.Training?.Examples, DatasetTokens = s.Training?.Tokens,
-            DatasetTruncated = s.Training?.Truncated, ValidationSha256 = s.Validation?.Sha256,
+            DatasetTruncated = s.Training?.Truncated, DatasetSkipped = s.Training?.Skipped, ValidationSha256 = s.Validation?.Sha256,
             ValidationExamples = s.Validation?.Examples, ValidationTokens = s.Validation?.Tokens,
             EstimatedTokens = s.Estimate?.Tokens, EstimatedSeconds = s.Estimate?.Seconds,
         };

@@ -24,7 +24,7 @@ public static class Truncation
 /// <summary>A dataset's counts after tokenization, as recorded on the job.</summary>
 /// <param name="Examples">Examples that will be trained on.</param>
 /// <param name="Tokens">Their tokens after truncation.</param>
-/// <param name="Truncated">Examples cut to maxSeqLength.</param>
+/// <param name="Truncated">Examples cut to maxSeqLength (including skipped ones).</param>
 /// <param name="Skipped">Examples left with nothing to learn once cut (the worker leaves them out).</param>
 public sealed record DatasetSummary(DatasetFormat Format, int Examples, long Tokens, int Truncated, int Skipped, string Sha256, long Bytes);
 
@@ -55,10 +55,10 @@ public static class DatasetProfile
                 var (x, cut) = Truncation.Fit(e, tokenizer, maxSeqLength, truncation);
                 if (vocabSize is { } v && Array.FindIndex(x.Ids, id => id < 0 || id >= v) is var at and >= 0)
                     throw new DatasetEncodingException(e.Line, $"token id {x.Ids[at]} is outside the model's vocabulary ({v}); tokenizer and model do not match");
+                if (cut) truncated++;
                 if (x.LossTokens == 0) { skipped++; return; }
                 examples++;
                 tokens += x.Ids.Length;
-                if (cut) truncated++;
             }
             catch (Exception ex) when (ex is DatasetEncodingException or TokenizerException)
             {

@@ -47,6 +47,8 @@ public sealed class FineTuneJob
     public int? TrainingExamples { get; set; }
     public long? DatasetTokens { get; init; }
     public int? DatasetTruncated { get; init; }
+    /// <summary>Examples left with nothing to learn once truncated (the worker leaves them out).</summary>
+    public int? DatasetSkipped { get; init; }
     public string? ValidationSha256 { get; init; }
     public int? ValidationExamples { get; init; }
     public long? ValidationTokens { get; init; }

@@ -24,6 +24,7 @@ ALTER TABLE fine_tune_jobs
     ADD COLUMN model_sha256 text,
     ADD COLUMN dataset_tokens bigint,
     ADD COLUMN dataset_truncated integer,
+    ADD COLUMN dataset_skipped integer,
     ADD COLUMN validation_sha256 text,
     ADD COLUMN validation_examples integer,
     ADD COLUMN validation_tokens bigint,
