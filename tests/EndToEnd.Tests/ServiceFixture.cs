@@ -19,7 +19,7 @@ namespace FineTune.EndToEnd.Tests;
 /// The whole service on this machine: a fresh Postgres database, the API (in-process test server), worker nodes
 /// (in-process hosts, or real child processes for the crash test), a tiny model and a sample dataset on disk.
 /// </summary>
-public sealed class ServiceFixture : IAsyncLifetime
+public sealed class ServiceFixture(IReadOnlyDictionary<string, string>? extraSettings = null) : IAsyncLifetime
 {
     public static readonly string AdminConnectionString =
         Environment.GetEnvironmentVariable("FINETUNE_PG") ?? "Host=127.0.0.1;Port=55432;Username=postgres;Database=postgres";
@@ -59,7 +59,7 @@ public sealed class ServiceFixture : IAsyncLifetime
     }
 
     /// <summary>Configuration shared by the API and the workers; timings shortened so failover happens in seconds.</summary>
-    public Dictionary<string, string> Settings() => new()
+    public Dictionary<string, string> Settings() => new Dictionary<string, string>
     {
         ["ConnectionStrings:Postgres"] = ConnectionString,
         ["Storage:Root"] = Root,
@@ -73,7 +73,7 @@ public sealed class ServiceFixture : IAsyncLifetime
         ["Worker:LogEvery"] = "2",
         ["Worker:CheckpointEvery"] = "5",
         ["Serilog:MinimumLevel"] = "Warning",
-    };
+    }.Concat(extraSettings ?? new Dictionary<string, string>()).ToDictionary();
 
     /// <summary>Starts a worker node inside the test process.</summary>
     public async Task<IHost> StartWorkerAsync()
