@@ -29,6 +29,10 @@ public sealed class DatasetCheck(DatasetSource source, DatasetOptions options)
         {
             return new Outcome(null, [e.Message], null);
         }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return new Outcome(null, [$"the dataset cannot be read on this server: {e.Message}"], null);
+        }
         using (file)
         {
             DatasetProfileResult r;
@@ -37,7 +41,7 @@ public sealed class DatasetCheck(DatasetSource source, DatasetOptions options)
                 // Tokenizing a large file is CPU work: off the request thread's synchronous path.
                 r = await Task.Run(() => DatasetProfile.Read(file.Path, tokenizer, hp.MaxSeqLength, hp.Truncation, options.Limits, vocabSize, ct), ct);
             }
-            catch (DatasetException e)
+            catch (Exception e) when (e is DatasetException or IOException or UnauthorizedAccessException)
             {
                 return new Outcome(null, [e.Message], null);
             }

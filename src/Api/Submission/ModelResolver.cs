@@ -67,6 +67,10 @@ public sealed class ModelResolver(IOptions<StorageOptions> storage, RemoteFetche
             }
             catch (RemoteFetchException e) { return (null, e.Message); }
             catch (InvalidDataException e) { return (null, e.Message); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                return (null, $"the model cache cannot be written on this server: {e.Message}");
+            }
         }
         else
         {

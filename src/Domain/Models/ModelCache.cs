@@ -110,16 +110,24 @@ public sealed class ModelCache(string root, RemoteFetcher fetcher)
             : throw new RemoteFetchException(
                 $"the cached weights of {RemoteFetcher.Show(uri)} have sha256 {cached.Digest}, not the expected {expected.ToLowerInvariant()}");
 
+    /// <summary>The marker of verified weights; an unreadable one counts as absent (the weights are fetched again).</summary>
     private static CachedWeights? ReadWeightsMarker(string folder)
     {
         var path = Path.Combine(folder, WeightsMarker);
         if (!File.Exists(path)) return null;
-        using var doc = JsonDocument.Parse(File.ReadAllBytes(path));
-        var r = doc.RootElement;
-        var files = r.GetProperty("files").EnumerateArray()
-            .Select(f => new WeightFile(f.GetProperty("name").GetString()!, f.GetProperty("sha256").GetString()!, f.GetProperty("bytes").GetInt64()))
-            .ToList();
-        return new CachedWeights(folder, r.GetProperty("digest").GetString()!, r.GetProperty("bytes").GetInt64(), files);
+        try
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllBytes(path));
+            var r = doc.RootElement;
+            var files = r.GetProperty("files").EnumerateArray()
+                .Select(f => new WeightFile(f.GetProperty("name").GetString()!, f.GetProperty("sha256").GetString()!, f.GetProperty("bytes").GetInt64()))
+                .ToList();
+            return new CachedWeights(folder, r.GetProperty("digest").GetString()!, r.GetProperty("bytes").GetInt64(), files);
+        }
+        catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or FormatException)
+        {
+            return null;
+        }
     }
 
     private static void WriteMarker(string path, object content)
@@ -142,6 +150,10 @@ public sealed class ModelCache(string root, RemoteFetcher fetcher)
             catch (IOException) when (DateTime.UtcNow < deadline)
             {
                 await Task.Delay(100, ct);
+            }
+            catch (IOException e)
+            {
+                throw new RemoteFetchException($"another fetch of this model has held {Path.GetFileName(path)} for more than {maxWait}", e);
             }
         }
     }

@@ -21,7 +21,8 @@ public sealed class PackingAndSplitTests
     [Fact]
     public void Packed_loss_equals_the_unpacked_loss_and_needs_the_mask()
     {
-        using var model = Llama.Load(TestData.TinyModelDir, Device.Cpu, ScalarType.Float32);
+        var device = TestData.Device;
+        using var model = Llama.Load(TestData.TinyModelDir, device, ScalarType.Float32);
         using var method = AdapterMethods.Attach(new LoraMethod { R = 4, Alpha = 8, TargetModules = MethodSpec.AllModules }, model, seed: 3);
         TestData.Randomize(method, 5);
         method.Train(false); // no dropout: both forward passes must see the same function
@@ -32,15 +33,15 @@ public sealed class PackingAndSplitTests
         using var scope = DisposeScope.Begin();
         using var noGrad = global::FineTune.Worker.Torch.Torch.NoGrad();
         var unpacked = TrainingData.Collate(examples, Tok.PadId);
-        var expected = model.Loss(Tensor.From(unpacked.Ids, unpacked.Rows, unpacked.Length),
-            Tensor.From(unpacked.Labels, unpacked.Rows, unpacked.Length), "sum").ItemDouble();
+        var expected = model.Loss(Tensor.From(unpacked.Ids, unpacked.Rows, unpacked.Length).To(device),
+            Tensor.From(unpacked.Labels, unpacked.Rows, unpacked.Length).To(device), "sum").ItemDouble();
 
         var packed = TrainingData.CollatePacked(rows, segments, Tok.PadId);
         Assert.Equal(unpacked.LossTokens, packed.LossTokens);
         Assert.Equal(unpacked.Tokens, packed.Tokens);
-        var ids = Tensor.From(packed.Ids, packed.Rows, packed.Length);
-        var labels = Tensor.From(packed.Labels, packed.Rows, packed.Length);
-        var (positions, mask) = Trainer.PackedInputs(packed, Device.Cpu);
+        var ids = Tensor.From(packed.Ids, packed.Rows, packed.Length).To(device);
+        var labels = Tensor.From(packed.Labels, packed.Rows, packed.Length).To(device);
+        var (positions, mask) = Trainer.PackedInputs(packed, device);
         var actual = model.Loss(ids, labels, "sum", positions, mask).ItemDouble();
         TestContext.Current.TestOutputHelper?.WriteLine($"packed {actual:R} unpacked {expected:R}");
         Assert.True(Math.Abs(actual - expected) <= 1e-5 * Math.Abs(expected), $"packed {actual} vs unpacked {expected}");
@@ -55,7 +56,8 @@ public sealed class PackingAndSplitTests
     [Fact]
     public void Packed_gradients_equal_the_unpacked_ones()
     {
-        using var model = Llama.Load(TestData.TinyModelDir, Device.Cpu, ScalarType.Float32);
+        var device = TestData.Device;
+        using var model = Llama.Load(TestData.TinyModelDir, device, ScalarType.Float32);
         using var method = AdapterMethods.Attach(new LoraMethod { R = 4, Alpha = 8, TargetModules = ["q_proj", "v_proj"] }, model, seed: 3);
         TestData.Randomize(method, 6);
         method.Train(false);
@@ -65,9 +67,10 @@ public sealed class PackingAndSplitTests
         float[][] Grads(HostBatch b)
         {
             using var scope = DisposeScope.Begin();
-            var (positions, mask) = Trainer.PackedInputs(b, Device.Cpu);
-            model.Loss(Tensor.From(b.Ids, b.Rows, b.Length), Tensor.From(b.Labels, b.Rows, b.Length), "sum", positions, mask).Backward();
-            var grads = method.TrainableTensors.Select(t => t.Tensor.Grad!.ToArray<float>()).ToArray();
+            var (positions, mask) = Trainer.PackedInputs(b, device);
+            model.Loss(Tensor.From(b.Ids, b.Rows, b.Length).To(device), Tensor.From(b.Labels, b.Rows, b.Length).To(device), "sum",
+                positions, mask).Backward();
+            var grads = method.TrainableTensors.Select(t => t.Tensor.Grad!.To(Device.Cpu).ToArray<float>()).ToArray();
             foreach (var (_, t) in method.TrainableTensors) t.Grad!.Zero_();
             return grads;
         }
