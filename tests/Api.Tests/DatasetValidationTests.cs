@@ -192,6 +192,8 @@ public sealed class DatasetValidationTests(LimitedApiFactory api) : IClassFixtur
         Assert.Contains("truncate, reject", (await Refused(Job(data, h => h["truncation"] = "drop"), "hyperparameters.truncation")).Messages[0]);
         Assert.Contains("between 0 and 0.5", (await Refused(Job(data, h => h["validationSplit"] = 0.9), "hyperparameters.validationSplit")).Messages[0]);
         Assert.Contains("between 1 and", (await Refused(Job(data, h => h["evalEvery"] = 0), "hyperparameters.evalEvery")).Messages[0]);
+        Assert.Contains("needs at least 2 training examples",
+            (await Refused(Job(Dataset("{\"text\": \"only one\"}\n"), h => h["validationSplit"] = 0.2), "hyperparameters.validationSplit")).Messages[0]);
         Assert.Contains("must be 0 when validationData is given",
             (await Refused(Job(data, h => h["validationSplit"] = 0.2, validationData: data), "hyperparameters.validationSplit")).Messages[0]);
     }

@@ -105,6 +105,8 @@ public sealed partial class SubmissionParser(SubmissionOptions options, ModelRes
         }
         var training = await Check("trainingData", r.TrainingData);
         var validation = r.ValidationData is null ? null : await Check("validationData", r.ValidationData);
+        if (hp.ValidationSplit > 0 && training is { Examples: < 2 } && !errors.ContainsKey("trainingData"))
+            Add("hyperparameters.validationSplit", $"needs at least 2 training examples to hold some out; the dataset has {training.Examples}");
 
         if (errors.Count > 0)
             return (null, new(StatusCodes.Status422UnprocessableEntity, "The request is not valid",
