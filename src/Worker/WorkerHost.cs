@@ -1,4 +1,7 @@
+using FineTune.Domain.Datasets;
 using FineTune.Domain.Dispatch;
+using FineTune.Domain.Models;
+using FineTune.Domain.Remote;
 using FineTune.Domain.Persistence;
 using FineTune.Worker.Runner;
 using Microsoft.Extensions.Configuration;
@@ -31,6 +34,12 @@ public static class WorkerHost
         builder.Services.AddSingleton(slots);
         builder.Services.AddSingleton(new ArtifactStore(storage.ArtifactRoot));
         builder.Services.AddSingleton(_ => new NpgsqlDataSourceBuilder(connectionString).Build());
+        builder.Services.AddSingleton(RemoteOptions.From(config)).AddSingleton<RemoteFetcher>();
+        builder.Services.AddSingleton(DatasetOptions.From(config));
+        builder.Services.AddSingleton(sp => new ModelCache(storage.ModelCache, sp.GetRequiredService<RemoteFetcher>()));
+        builder.Services.AddSingleton(sp => new DatasetSource(storage.DataRoots, sp.GetRequiredService<RemoteFetcher>(),
+            sp.GetRequiredService<DatasetOptions>().Limits));
+        builder.Services.AddSingleton<JobInputs>();
         builder.Services.AddSingleton<IJobRunner, JobRunner>();
         // Hosted services start in registration order: the schema first, then the Quartz node, then the reconciler.
         builder.Services.AddHostedService(_ => new MigrateOnStart(connectionString));
@@ -60,15 +69,22 @@ public static class WorkerHost
     }
 }
 
-/// <summary>Where files live (section "Storage", as the API reads it): models/, datasets/ and artifacts/ under Root by default.</summary>
+/// <summary>Where files live (section "Storage", as the API reads it): models/, datasets/, artifacts/ and model-cache/
+/// under Root by default.</summary>
 public sealed record StorageSettings(string ArtifactRoot, IReadOnlyList<string> ModelRoots, IReadOnlyList<string> DataRoots)
 {
+    /// <summary>Local copies of https:// models, shared with the API (<c>Storage:ModelCache</c>).</summary>
+    public string ModelCache { get; init; } = Path.GetFullPath(Path.Combine(".data", "model-cache"));
+
     public static StorageSettings From(IConfiguration config)
     {
         var root = config["Storage:Root"] ?? ".data";
         string[] Roots(string key, string sub) =>
             [.. (config.GetSection(key).Get<string[]>() is { Length: > 0 } r ? r : [Path.Combine(root, sub)]).Select(Path.GetFullPath)];
         return new StorageSettings(Path.GetFullPath(config["Storage:ArtifactRoot"] ?? Path.Combine(root, "artifacts")),
-            Roots("Storage:ModelRoots", "models"), Roots("Storage:DataRoots", "datasets"));
+            Roots("Storage:ModelRoots", "models"), Roots("Storage:DataRoots", "datasets"))
+        {
+            ModelCache = Path.GetFullPath(config["Storage:ModelCache"] ?? Path.Combine(root, "model-cache")),
+        };
     }
 }

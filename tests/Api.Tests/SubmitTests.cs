@@ -131,11 +131,12 @@ public sealed class SubmitTests(ApiFactory api) : IClassFixture<ApiFactory>
             { "unknown priority", Edit(o => o["priority"] = "urgent"), 422, "priority", "low, normal, high" },
             { "missing model folder", Edit(o => o["model"] = "nope"), 422, "model", "not found" },
             { "model outside roots", Edit(o => o["model"] = "file:///etc"), 422, "model", "outside the allowed storage roots" },
-            { "dataset outside roots", Edit(o => o["trainingData"] = "file:///etc/passwd"), 422, "trainingData", "outside the allowed storage roots" },
-            { "dataset escaping with ..", Edit(o => o["trainingData"] = "../../../../etc/passwd"), 422, "trainingData", "outside the allowed storage roots" },
-            { "missing dataset", Edit(o => o["trainingData"] = "nope.jsonl"), 422, "trainingData", "file not found" },
-            { "http dataset", Edit(o => o["trainingData"] = "https://example.com/x.jsonl"), 422, "trainingData", "only file://" },
-            { "missing validation dataset", Edit(o => o["validationData"] = "nope.jsonl"), 422, "validationData", "file not found" },
+            { "dataset outside roots", Edit(o => o["trainingData"] = "file:///etc/passwd"), 422, "trainingData", "outside the allowed dataset locations" },
+            { "dataset escaping with ..", Edit(o => o["trainingData"] = "../../../../etc/passwd"), 422, "trainingData", "outside the allowed dataset locations" },
+            { "missing dataset", Edit(o => o["trainingData"] = "nope.jsonl"), 422, "trainingData", "was not found" },
+            { "plain http dataset", Edit(o => o["trainingData"] = "http://example.com/x.jsonl"), 422, "trainingData", "plain http:// is not accepted" },
+            { "other scheme dataset", Edit(o => o["trainingData"] = "s3://bucket/x.jsonl"), 422, "trainingData", "unsupported dataset URI scheme \"s3\"" },
+            { "missing validation dataset", Edit(o => o["validationData"] = "nope.jsonl"), 422, "validationData", "was not found" },
         };
     }
 

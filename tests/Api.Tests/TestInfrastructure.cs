@@ -6,6 +6,7 @@ using FineTune.Domain;
 using FineTune.Domain.Dispatch;
 using FineTune.Domain.Persistence;
 using FineTune.Domain.Tenants;
+using FineTune.Domain.Tokenizers;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Mvc.Testing;
 using Microsoft.AspNetCore.TestHost;
@@ -95,17 +96,28 @@ public class ApiFactory : WebApplicationFactory<Program>, IAsyncLifetime
         Directory.CreateDirectory(Path.Combine(ModelsRoot, "tiny"));
         Directory.CreateDirectory(DataRoot);
         Directory.CreateDirectory(ArtifactRoot);
-        // A Llama-shaped toy: q (64,64), k/v (32,64), o (64,64), gate/up (128,64), down (64,128).
-        await File.WriteAllTextAsync(Path.Combine(ModelsRoot, "tiny", "config.json"), """
-            {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 64,
-             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-            """);
+        // A Llama-shaped toy: q (64,64), k/v (32,64), o (64,64), gate/up (128,64), down (64,128), with the tiny
+        // byte-level tokenizer; the API reads only config.json and the tokenizer, and hashes the weights file.
+        WriteTinyModel(Path.Combine(ModelsRoot, "tiny"));
         await File.WriteAllTextAsync(Path.Combine(DataRoot, "train.jsonl"), """
             {"prompt": "2+2=", "completion": "4"}
             {"prompt": "3+3=", "completion": "6"}
 
             """);
         _ = Server; // start the host now: migrations and bootstrap run before any test
+    }
+
+    /// <summary>config.json, the tiny tokenizer, and a valid safetensors file with no tensors as the weights.</summary>
+    public static void WriteTinyModel(string dir, int hiddenSize = 64)
+    {
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "config.json"), $$"""
+            {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 259, "hidden_size": {{hiddenSize}},
+             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+            """);
+        TinyTokenizer.WriteFiles(dir);
+        var header = "{\"__metadata__\":{\"format\":\"pt\"}}"u8.ToArray();
+        File.WriteAllBytes(Path.Combine(dir, "model.safetensors"), [.. BitConverter.GetBytes((long)header.Length), .. header]);
     }
 
     protected override void ConfigureWebHost(IWebHostBuilder builder)
@@ -121,7 +133,11 @@ public class ApiFactory : WebApplicationFactory<Program>, IAsyncLifetime
         builder.UseSetting("Serilog:MinimumLevel", "Warning");
         if (UseRecordingDispatcher)
             builder.ConfigureTestServices(s => s.Replace(ServiceDescriptor.Singleton<IJobDispatcher>(Dispatcher)));
+        foreach (var (key, value) in Settings) builder.UseSetting(key, value);
     }
+
+    /// <summary>Extra configuration of a factory subclass (limits, remote-fetch rules).</summary>
+    protected virtual IEnumerable<(string Key, string Value)> Settings => [];
 
     public FineTuneDbContext Db() =>
         new(new DbContextOptionsBuilder<FineTuneDbContext>().UseNpgsql(Database.ConnectionString).Options);

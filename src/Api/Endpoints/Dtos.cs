@@ -14,12 +14,33 @@ public sealed record JobDto(
     double? LastLoss, ErrorDto? Error, Guid? AdapterId, bool CancelRequested, int Attempt,
     DateTimeOffset CreatedAt, DateTimeOffset? StartedAt, DateTimeOffset? FinishedAt, QueueInfo? Queue = null)
 {
+    /// <summary>The training data as counted at submit (examples, tokens after truncation, truncated examples, sha256).</summary>
+    public DatasetDto? Dataset { get; init; }
+    public DatasetDto? ValidationDataset { get; init; }
+    /// <summary>Submit-time estimate of the tokens to process and, when the pool's speed is configured, the seconds.</summary>
+    public EstimateDto? Estimate { get; init; }
+
     public static JobDto From(FineTuneJob j) => new(
         j.Id, j.Status, j.Model, j.TrainingData, j.ValidationData, j.Method, j.Hyperparameters, j.AdapterName, j.Pool,
         Priorities.ToName(j.Priority), new ProgressDto(j.Step, j.TotalSteps), j.LastLoss,
         j.ErrorCode is null ? null : new ErrorDto(j.ErrorCode, j.ErrorMessage ?? ""), j.AdapterId, j.CancelRequested,
-        j.Attempt, j.CreatedAt, j.StartedAt, j.FinishedAt);
+        j.Attempt, j.CreatedAt, j.StartedAt, j.FinishedAt)
+    {
+        Dataset = j.DatasetSha256 is null ? null
+            : new DatasetDto(j.TrainingExamples, j.DatasetTokens, j.DatasetTruncated, j.DatasetSkipped, j.DatasetSha256),
+        ValidationDataset = j.ValidationSha256 is null ? null
+            : new DatasetDto(j.ValidationExamples, j.ValidationTokens, null, null, j.ValidationSha256),
+        Estimate = j.EstimatedTokens is null ? null : new EstimateDto(j.EstimatedTokens.Value, j.EstimatedSeconds),
+    };
 }
+
+/// <param name="Examples">Examples that will be trained on.</param>
+/// <param name="Tokens">Their tokens, after truncation to maxSeqLength.</param>
+/// <param name="Truncated">Examples cut to maxSeqLength.</param>
+/// <param name="Skipped">Examples left out: once cut, nothing of their completion remained.</param>
+/// <param name="Sha256">sha256 of the file's bytes; the worker refuses the job if the content changed.</param>
+public sealed record DatasetDto(int? Examples, long? Tokens, int? Truncated, int? Skipped, string Sha256);
+public sealed record EstimateDto(long Tokens, double? Seconds);
 
 public sealed record ProgressDto(int Step, int TotalSteps);
 public sealed record ErrorDto(string Code, string Message);

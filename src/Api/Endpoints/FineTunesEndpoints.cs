@@ -94,6 +94,11 @@ public static class FineTunesEndpoints
             ValidationData = s.Request.ValidationData, Method = s.Request.Method, Hyperparameters = s.Hyperparameters,
             AdapterName = s.Request.AdapterName, Pool = s.Pool, Priority = Priorities.ToInt(s.Priority),
             IdempotencyKey = idempotencyKey, RequestHash = s.RequestHash,
+            ModelUri = s.ModelUri, ModelSha256 = s.ModelSha256,
+            DatasetSha256 = s.Training?.Sha256, TrainingExamples = s.Training?.Examples, DatasetTokens = s.Training?.Tokens,
+            DatasetTruncated = s.Training?.Truncated, DatasetSkipped = s.Training?.Skipped, ValidationSha256 = s.Validation?.Sha256,
+            ValidationExamples = s.Validation?.Examples, ValidationTokens = s.Validation?.Tokens,
+            EstimatedTokens = s.Estimate?.Tokens, EstimatedSeconds = s.Estimate?.Seconds,
         };
         job.Created();
         // The tenant's submits are serialised (an advisory lock for this transaction) so that the queue and rate
@@ -293,6 +298,10 @@ public static class FineTunesEndpoints
             Status = 400, Title = "Invalid query", Detail = $"{field}: {message}",
         });
 
-    internal static ProblemHttpResult Problem(SubmissionError e) =>
-        TypedResults.Problem(new HttpValidationProblemDetails(e.Errors) { Status = e.Status, Title = e.Title, Detail = e.Detail });
+    internal static ProblemHttpResult Problem(SubmissionError e)
+    {
+        var problem = new HttpValidationProblemDetails(e.Errors) { Status = e.Status, Title = e.Title, Detail = e.Detail };
+        foreach (var (k, v) in e.Extensions ?? new Dictionary<string, object?>()) problem.Extensions[k] = v;
+        return TypedResults.Problem(problem);
+    }
 }

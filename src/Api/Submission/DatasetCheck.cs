@@ -1,24 +1,55 @@
-using FineTune.Api.Infrastructure;
-using Microsoft.Extensions.Options;
+using FineTune.Domain.Datasets;
+using FineTune.Domain.Jobs;
+using FineTune.Domain.Remote;
+using FineTune.Domain.Tokenizers;
 
 namespace FineTune.Api.Submission;
 
 /// <summary>
-/// Submit-time check of a dataset reference: the one place that decides whether a file is acceptable. Errors are
-/// strings shown under the request field ("line 3: …" once the JSONL reader checks content).
+/// Submit-time check of a dataset reference: opens it (a local file under the data roots, or an https:// download),
+/// reads every line, tokenizes every example with the model's tokenizer and applies the truncation policy. Errors are
+/// strings shown under the request field ("line 3: …"), and the same problems with their line numbers as data.
 /// </summary>
-public sealed class DatasetCheck(IOptions<StorageOptions> storage)
+public sealed class DatasetCheck(DatasetSource source, DatasetOptions options)
 {
-    public Task<IReadOnlyList<string>> CheckAsync(string reference, CancellationToken ct)
+    /// <summary>The line problems of one dataset as the problem's <c>datasetErrors</c> extension carries them.</summary>
+    public sealed record LineErrors(int Total, IReadOnlyList<LineError> Errors);
+    public sealed record LineError(int Line, string Message);
+
+    public sealed record Outcome(DatasetSummary? Summary, IReadOnlyList<string> Errors, LineErrors? Lines);
+
+    public async Task<Outcome> CheckAsync(string reference, ITokenizer? tokenizer, int? vocabSize, Hyperparameters hp, CancellationToken ct)
     {
-        // The content check (formats, line-numbered errors, limits) plugs in here once DatasetReader is merged:
-        // resolve with DatasetUri, then read a sample with DatasetReader and map its issues to "line N: …".
-        IReadOnlyList<string> errors;
-        var (path, error) = Paths.Confine(reference, storage.Value.EffectiveDataRoots);
-        if (error is not null) errors = [error];
-        else if (!File.Exists(path)) errors = ["file not found"];
-        else if (new FileInfo(path!).Length == 0) errors = ["file is empty"];
-        else errors = [];
-        return Task.FromResult(errors);
+        LocalDataset file;
+        try
+        {
+            file = await source.OpenAsync(reference, ct);
+        }
+        catch (Exception e) when (e is DatasetUriException or RemoteFetchException)
+        {
+            return new Outcome(null, [e.Message], null);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return new Outcome(null, [$"the dataset cannot be read on this server: {e.Message}"], null);
+        }
+        using (file)
+        {
+            DatasetProfileResult r;
+            try
+            {
+                // Tokenizing a large file is CPU work: off the request thread's synchronous path.
+                r = await Task.Run(() => DatasetProfile.Read(file.Path, tokenizer, hp.MaxSeqLength, hp.Truncation, options.Limits, vocabSize, ct), ct);
+            }
+            catch (Exception e) when (e is DatasetException or IOException or UnauthorizedAccessException)
+            {
+                return new Outcome(null, [e.Message], null);
+            }
+            if (r.ErrorCount == 0) return new Outcome(r.Summary, [], null);
+            var errors = r.Errors.Select(i => i.Line > 0 ? i.ToString() : i.Message).ToList();
+            if (r.ErrorCount > r.Errors.Count)
+                errors.Add($"{r.ErrorCount} problems in total; the first {r.Errors.Count} are listed (Datasets:MaxErrors)");
+            return new Outcome(r.Summary, errors, new LineErrors(r.ErrorCount, [.. r.Errors.Select(i => new LineError(i.Line, i.Message))]));
+        }
     }
 }

@@ -3,6 +3,7 @@ using System.Text.Json;
 using System.Text.RegularExpressions;
 using FineTune.Api.Infrastructure;
 using FineTune.Domain;
+using FineTune.Domain.Datasets;
 using FineTune.Domain.Jobs;
 using FineTune.Domain.Methods;
 
@@ -10,10 +11,19 @@ namespace FineTune.Api.Submission;
 
 /// <summary>A request that passed every check, with what the job row needs.</summary>
 public sealed record ValidSubmission(CreateFineTuneRequest Request, Hyperparameters Hyperparameters, string Pool,
-    string Priority, string ModelPath, string RequestHash);
+    string Priority, string ModelPath, string RequestHash)
+{
+    public string? ModelUri { get; init; }
+    public string? ModelSha256 { get; init; }
+    public DatasetSummary? Training { get; init; }
+    public DatasetSummary? Validation { get; init; }
+    public JobEstimate? Estimate { get; init; }
+}
 
 /// <summary>Why a request was refused: HTTP status, a summary, and errors keyed by the request's JSON path.</summary>
-public sealed record SubmissionError(int Status, string Title, string Detail, IDictionary<string, string[]> Errors);
+/// <param name="Extensions">Extra problem members, e.g. <c>datasetErrors</c> with the line numbers of bad lines.</param>
+public sealed record SubmissionError(int Status, string Title, string Detail, IDictionary<string, string[]> Errors,
+    IDictionary<string, object?>? Extensions = null);
 
 /// <summary>Reads and validates a submission before anything is stored. Never throws for bad input.</summary>
 public sealed partial class SubmissionParser(SubmissionOptions options, ModelResolver models, DatasetCheck datasets)
@@ -71,21 +81,71 @@ public sealed partial class SubmissionParser(SubmissionOptions options, ModelRes
         if (!options.Pools.Contains(pool)) Add("pool", $"unknown pool '{pool}'; available: {string.Join(", ", options.Pools)}");
         if (!Priorities.All.Contains(priority)) Add("priority", "must be one of: low, normal, high");
 
-        var (model, modelError) = models.Resolve(r.Model);
-        if (modelError is not null) Add("model", modelError);
-        else if (!errors.Keys.Any(k => k.StartsWith("method.", StringComparison.Ordinal)))
-            foreach (var (f, e) in r.Method.ValidateShapes(model!.Config.LayerLinears())) Add(f, e);
+        if (r.ValidationData is not null && hp.ValidationSplit > 0)
+            Add("hyperparameters.validationSplit", "must be 0 when validationData is given (the split holds out training examples instead)");
 
-        foreach (var e in await datasets.CheckAsync(r.TrainingData, ct)) Add("trainingData", e);
-        if (r.ValidationData is not null)
-            foreach (var e in await datasets.CheckAsync(r.ValidationData, ct)) Add("validationData", e);
+        var (model, modelError) = await models.ResolveAsync(r.Model, ct);
+        if (modelError is not null) Add("model", modelError);
+        else
+        {
+            if (model!.TokenizerError is not null) Add("model", model.TokenizerError);
+            if (!errors.Keys.Any(k => k.StartsWith("method.", StringComparison.Ordinal)))
+                foreach (var (f, e) in r.Method.ValidateShapes(model.Config.LayerLinears())) Add(f, e);
+        }
+
+        // Token counts need valid sequence settings; the lines are checked in any case.
+        var tokenizer = errors.ContainsKey("hyperparameters.maxSeqLength") || errors.ContainsKey("hyperparameters.truncation") ? null : model?.Tokenizer;
+        var lineErrors = new Dictionary<string, object?>();
+        async Task<DatasetSummary?> Check(string field, string reference)
+        {
+            var outcome = await datasets.CheckAsync(reference, tokenizer, model?.Config.VocabSize, hp, ct);
+            foreach (var e in outcome.Errors) Add(field, e);
+            if (outcome.Lines is not null) lineErrors[field] = outcome.Lines;
+            return outcome.Summary;
+        }
+        var training = await Check("trainingData", r.TrainingData);
+        var validation = r.ValidationData is null ? null : await Check("validationData", r.ValidationData);
+        if (hp.ValidationSplit > 0 && training is { Examples: < 2 } && !errors.ContainsKey("trainingData"))
+            Add("hyperparameters.validationSplit", $"needs at least 2 training examples to hold some out; the dataset has {training.Examples}");
 
         if (errors.Count > 0)
             return (null, new(StatusCodes.Status422UnprocessableEntity, "The request is not valid",
-                string.Join("; ", errors.Select(kv => $"{kv.Key}: {string.Join(", ", kv.Value)}")),
-                errors.ToDictionary(kv => kv.Key, kv => kv.Value.ToArray())));
+                string.Join("; ", errors.Select(kv => $"{kv.Key}: {string.Join(", ", kv.Value.Take(3))}{(kv.Value.Count > 3 ? ", …" : "")}")),
+                errors.ToDictionary(kv => kv.Key, kv => kv.Value.ToArray()),
+                lineErrors.Count > 0 ? new Dictionary<string, object?> { ["datasetErrors"] = lineErrors } : null));
 
-        return (new ValidSubmission(r, hp, pool, priority, model!.Folder, hash), null);
+        return (new ValidSubmission(r, hp, pool, priority, model!.Folder, hash)
+        {
+            ModelUri = model.Uri, ModelSha256 = model.Sha256, Training = training, Validation = validation,
+            Estimate = JobEstimate.For(training!, hp, r.ValidationData is not null,
+                options.TokensPerSecond.TryGetValue(pool, out var tps) ? tps : null),
+        }, null);
+    }
+
+    /// <summary>Strict deserialization of another request type, with the same field-named errors as a submission.</summary>
+    public static (T? Value, SubmissionError? Error) ReadStrict<T>(byte[] body) where T : class
+    {
+        if (body.Length == 0) return (null, BadRequest("$", "the request body is empty; send a JSON object"));
+        JsonDocument doc;
+        try
+        {
+            doc = JsonDocument.Parse(body);
+        }
+        catch (JsonException e)
+        {
+            return (null, BadRequest("$", $"is not valid JSON: {e.Message}"));
+        }
+        using var _ = doc;
+        try
+        {
+            if (doc.RootElement.ValueKind != JsonValueKind.Object) return (null, BadRequest("$", "must be a JSON object"));
+            var value = doc.Deserialize<T>(DomainJson.Strict);
+            return value is null ? (null, BadRequest("$", "must be a JSON object")) : (value, null);
+        }
+        catch (JsonException e)
+        {
+            return (null, FromJsonException(e));
+        }
     }
 
     /// <summary>The idempotency fingerprint: the normalised request (defaults filled in), so formatting does not matter.</summary>

@@ -61,21 +61,23 @@ public static partial class DatasetReader
             : string.Format(AlpacaPromptWithInput, instruction, input);
 
     /// <summary>Reads and validates a file. Throws <see cref="DatasetException"/> if the file cannot be read at all.</summary>
+    /// <param name="onExample">Called with each valid example as it is read (counting tokens without keeping them).</param>
     public static DatasetReadResult Read(string path, DatasetFormat format = DatasetFormat.Auto,
-        DatasetLimits? limits = null, bool keepExamples = true, CancellationToken cancellationToken = default)
+        DatasetLimits? limits = null, bool keepExamples = true, CancellationToken cancellationToken = default,
+        Action<DatasetExample>? onExample = null)
     {
         limits ??= DatasetLimits.Default;
         var info = new FileInfo(path);
         if (!info.Exists)
             throw new DatasetException($"dataset file not found: {path}");
         if (info.Length > limits.MaxBytes)
-            throw new DatasetException($"dataset file is {info.Length} bytes, over the limit of {limits.MaxBytes} bytes");
+            throw new DatasetException($"dataset file is {info.Length} bytes, over the limit of {limits.MaxBytes} bytes (Datasets:MaxBytes)");
         var plainText = info.Extension.Equals(".txt", StringComparison.OrdinalIgnoreCase);
         try
         {
             using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16,
                 FileOptions.SequentialScan);
-            return Read(stream, plainText, format, limits, keepExamples, cancellationToken);
+            return Read(stream, plainText, format, limits, keepExamples, cancellationToken, onExample);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
@@ -90,13 +92,14 @@ public static partial class DatasetReader
 
     /// <summary>Reads from a stream; <paramref name="plainText"/> selects the one-example-per-line text reading.</summary>
     public static DatasetReadResult Read(Stream stream, bool plainText, DatasetFormat format = DatasetFormat.Auto,
-        DatasetLimits? limits = null, bool keepExamples = true, CancellationToken cancellationToken = default)
+        DatasetLimits? limits = null, bool keepExamples = true, CancellationToken cancellationToken = default,
+        Action<DatasetExample>? onExample = null)
     {
         limits ??= DatasetLimits.Default;
         if (plainText && format is not (DatasetFormat.Auto or DatasetFormat.Text))
             throw new DatasetException($"a .txt file is plain text; it cannot be read as {FormatName(format)}");
 
-        var state = new ReadState(plainText ? DatasetFormat.Text : format, limits, keepExamples);
+        var state = new ReadState(plainText ? DatasetFormat.Text : format, limits, keepExamples, onExample);
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         var buffer = ArrayPool<byte>.Shared.Rent(1 << 16);
         var line = new ArrayBufferWriter<byte>(4096);
@@ -111,7 +114,7 @@ public static partial class DatasetReader
                 cancellationToken.ThrowIfCancellationRequested();
                 total += read;
                 if (total > limits.MaxBytes)
-                    throw new DatasetException($"dataset is over the limit of {limits.MaxBytes} bytes");
+                    throw new DatasetException($"dataset is over the limit of {limits.MaxBytes} bytes (Datasets:MaxBytes)");
                 hash.AppendData(buffer, 0, read);
                 var chunk = buffer.AsSpan(0, read);
                 while (!chunk.IsEmpty)
@@ -158,7 +161,7 @@ public static partial class DatasetReader
         _ => "auto",
     };
 
-    private sealed class ReadState(DatasetFormat format, DatasetLimits limits, bool keepExamples)
+    private sealed class ReadState(DatasetFormat format, DatasetLimits limits, bool keepExamples, Action<DatasetExample>? onExample)
     {
         private static readonly UTF8Encoding StrictUtf8 = new(false, throwOnInvalidBytes: true);
         private int _formatLine;
@@ -181,20 +184,20 @@ public static partial class DatasetReader
             if (_stopped) return;
             if (tooLong)
             {
-                AddError(lineNo, $"line is longer than {limits.MaxLineBytes} bytes");
+                AddError(lineNo, $"line is longer than {limits.MaxLineBytes} bytes (Datasets:MaxLineBytes)");
                 return;
             }
             if (lineNo == 1 && bytes.StartsWith((ReadOnlySpan<byte>)[0xEF, 0xBB, 0xBF])) bytes = bytes[3..];
             if (!bytes.IsEmpty && bytes[^1] == (byte)'\r') bytes = bytes[..^1];
             if (bytes.Length > limits.MaxLineBytes)
             {
-                AddError(lineNo, $"line is longer than {limits.MaxLineBytes} bytes");
+                AddError(lineNo, $"line is longer than {limits.MaxLineBytes} bytes (Datasets:MaxLineBytes)");
                 return;
             }
             if (IsBlank(bytes)) return;
             if (ExampleCount >= limits.MaxExamples)
             {
-                AddError(lineNo, $"the dataset has more than {limits.MaxExamples} examples");
+                AddError(lineNo, $"the dataset has more than {limits.MaxExamples} examples (Datasets:MaxExamples)");
                 _stopped = true;
                 return;
             }
@@ -214,6 +217,7 @@ public static partial class DatasetReader
             {
                 ExampleCount++;
                 if (keepExamples) Examples.Add(example);
+                onExample?.Invoke(example);
             }
         }
 

@@ -40,8 +40,24 @@ public sealed class FineTuneJob
     public DateTimeOffset? HeartbeatAt { get; set; }
     public string? CheckpointPath { get; set; }
     public Guid? AdapterId { get; private set; }
+    /// <summary>Where the model comes from: the file:// folder, or the https:// folder URI whose weights the worker fetches.</summary>
+    public string? ModelUri { get; init; }
+    /// <summary>The registered weights checksum (see WeightsDigest); the worker refuses other weights.</summary>
+    public string? ModelSha256 { get; init; }
+    /// <summary>sha256 of the training file at submit; the worker refuses a file that changed since.</summary>
     public string? DatasetSha256 { get; set; }
+    /// <summary>Training examples, tokens (after truncation) and truncated examples counted at submit.</summary>
     public int? TrainingExamples { get; set; }
+    public long? DatasetTokens { get; init; }
+    public int? DatasetTruncated { get; init; }
+    /// <summary>Examples left with nothing to learn once truncated (the worker leaves them out).</summary>
+    public int? DatasetSkipped { get; init; }
+    public string? ValidationSha256 { get; init; }
+    public int? ValidationExamples { get; init; }
+    public long? ValidationTokens { get; init; }
+    /// <summary>Submit-time estimate: tokens to process (all epochs) and seconds at the pool's configured speed.</summary>
+    public long? EstimatedTokens { get; init; }
+    public double? EstimatedSeconds { get; init; }
     public string? IdempotencyKey { get; init; }
     public string? RequestHash { get; init; }
     public DateTimeOffset CreatedAt { get; init; } = Clock.Now();

@@ -27,6 +27,14 @@ public sealed record Hyperparameters
     public int? MaxSteps { get; init; }
     /// <summary>Clip the global gradient norm to this value (0 disables).</summary>
     [DefaultValue(1.0)] public double MaxGradNorm { get; init; } = 1.0;
+    /// <summary>Examples longer than maxSeqLength: "truncate" (cut, counted on the job) or "reject" (the submit fails with their line numbers).</summary>
+    [DefaultValue("truncate")] public string Truncation { get; init; } = Datasets.Truncation.Truncate;
+    /// <summary>Pack short examples together into rows of up to maxSeqLength tokens (each still attends only to itself).</summary>
+    [DefaultValue(false)] public bool Packing { get; init; }
+    /// <summary>Without validationData: this fraction of the training examples (chosen by seed) is held out for validation.</summary>
+    [DefaultValue(0.0)] public double ValidationSplit { get; init; }
+    /// <summary>Validation loss every N optimizer steps (and at the end); null: at every metrics row.</summary>
+    public int? EvalEvery { get; init; }
 
     public static readonly string[] Schedulers = ["constant", "linear", "cosine"];
 
@@ -43,5 +51,8 @@ public sealed record Hyperparameters
         if (!Schedulers.Contains(Scheduler)) yield return ($"{prefix}.scheduler", $"must be one of: {string.Join(", ", Schedulers)}");
         if (MaxSteps is < 1 or > 10_000_000) yield return ($"{prefix}.maxSteps", "must be between 1 and 10000000");
         if (!(MaxGradNorm >= 0 && MaxGradNorm <= 1e6)) yield return ($"{prefix}.maxGradNorm", "must be between 0 and 1e6");
+        if (!Datasets.Truncation.All.Contains(Truncation)) yield return ($"{prefix}.truncation", "must be one of: truncate, reject");
+        if (!(ValidationSplit >= 0 && ValidationSplit <= 0.5)) yield return ($"{prefix}.validationSplit", "must be between 0 and 0.5");
+        if (EvalEvery is < 1 or > 10_000_000) yield return ($"{prefix}.evalEvery", "must be between 1 and 10000000");
     }
 }

@@ -4,6 +4,7 @@ using FineTune.Domain.Adapters;
 using FineTune.Domain.Audit;
 using FineTune.Domain.Jobs;
 using FineTune.Domain.Methods;
+using FineTune.Domain.Models;
 using FineTune.Domain.Tenants;
 using FineTune.Domain.Webhooks;
 using Microsoft.EntityFrameworkCore;
@@ -29,6 +30,7 @@ public sealed class FineTuneDbContext(DbContextOptions<FineTuneDbContext> option
     public DbSet<AdapterAlias> AdapterAliases => Set<AdapterAlias>();
     public DbSet<Webhook> Webhooks => Set<Webhook>();
     public DbSet<WebhookDelivery> WebhookDeliveries => Set<WebhookDelivery>();
+    public DbSet<BaseModel> BaseModels => Set<BaseModel>();
 
     protected override void OnModelCreating(ModelBuilder b)
     {
@@ -76,6 +78,12 @@ public sealed class FineTuneDbContext(DbContextOptions<FineTuneDbContext> option
         });
         b.Entity<Tenant>(e => { e.ToTable("tenants"); e.HasIndex(t => t.Name).IsUnique(); });
         b.Entity<ApiKey>(e => { e.ToTable("api_keys"); e.HasIndex(k => k.Prefix); });
+        b.Entity<BaseModel>(e =>
+        {
+            e.ToTable("base_models");
+            e.HasIndex(m => m.Name).IsUnique();
+            Json(e.Property(m => m.Modules));
+        });
 
         foreach (var entity in b.Model.GetEntityTypes())
             foreach (var p in entity.GetProperties())

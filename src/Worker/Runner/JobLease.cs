@@ -12,7 +12,15 @@ namespace FineTune.Worker.Runner;
 
 /// <summary>The job row as the runner needs it.</summary>
 public sealed record JobRow(Guid Id, Guid TenantId, string Model, string ModelPath, string TrainingData,
-    string? ValidationData, string MethodJson, string HyperparametersJson, string AdapterName, int Attempt);
+    string? ValidationData, string MethodJson, string HyperparametersJson, string AdapterName, int Attempt)
+{
+    /// <summary>The model's source (file:// or https:// folder) and registered weights checksum, recorded at submit.</summary>
+    public string? ModelUri { get; init; }
+    public string? ModelSha256 { get; init; }
+    /// <summary>The datasets' sha256 at submit: the worker refuses content that changed since.</summary>
+    public string? DatasetSha256 { get; init; }
+    public string? ValidationSha256 { get; init; }
+}
 
 /// <summary>
 /// This node's claim on a job: taken by a conditional update that bumps <c>lease_generation</c>, renewed by a
@@ -101,8 +109,8 @@ public sealed class JobLease
              WHERE id = @id AND NOT cancel_requested
                AND (status = 'queued'
                     OR (status = 'running' AND (@takeover OR heartbeat_at IS NULL OR heartbeat_at < now() - @timeout)))
-            RETURNING tenant_id, model, model_path, training_data, validation_data, method::text,
-                      hyperparameters::text, adapter_name, attempt, lease_generation
+            RETURNING tenant_id, model, model_path, training_data, validation_data, method::text, hyperparameters::text,
+                      adapter_name, attempt, lease_generation, model_uri, model_sha256, dataset_sha256, validation_sha256
             """;
         await using var cmd = new NpgsqlCommand(sql, conn, tx);
         cmd.Parameters.AddWithValue("id", target.Value);
@@ -115,8 +123,12 @@ public sealed class JobLease
         await using (var r = await cmd.ExecuteReaderAsync(ct))
         {
             if (!await r.ReadAsync(ct)) return null;
+            string? Text(int i) => r.IsDBNull(i) ? null : r.GetString(i);
             job = new JobRow(target.Value, r.GetGuid(0), r.GetString(1), r.GetString(2), r.GetString(3),
-                r.IsDBNull(4) ? null : r.GetString(4), r.GetString(5), r.GetString(6), r.GetString(7), r.GetInt32(8));
+                Text(4), r.GetString(5), r.GetString(6), r.GetString(7), r.GetInt32(8))
+            {
+                ModelUri = Text(10), ModelSha256 = Text(11), DatasetSha256 = Text(12), ValidationSha256 = Text(13),
+            };
             generation = r.GetInt64(9);
         }
         await tx.CommitAsync(ct);

@@ -24,7 +24,7 @@ public sealed class JobRunner(
     NpgsqlDataSource db,
     ArtifactStore store,
     DeviceSlots devices,
-    StorageSettings storage,
+    JobInputs inputs,
     IOptions<WorkerOptions> options,
     ILogger<JobRunner> log) : IJobRunner
 {
@@ -126,43 +126,29 @@ public sealed class JobRunner(
             ?? throw new JobFailure("invalid_job", "The job's method is empty.");
         var hyper = JsonSerializer.Deserialize<Hyperparameters>(job.HyperparametersJson, Json) ?? new Hyperparameters();
 
-        if (!Directory.Exists(job.ModelPath))
-            throw new JobFailure("model_unavailable", $"The model folder '{job.Model}' is not reachable from this node.");
-        var train = ReadDataset(job.TrainingData, "trainingData");
-        var validation = job.ValidationData is null ? null : ReadDataset(job.ValidationData, "validationData");
+        var train = await inputs.ReadDatasetAsync(job.TrainingData, "trainingData", job.DatasetSha256, ct);
+        var validation = job.ValidationData is null ? null
+            : await inputs.ReadDatasetAsync(job.ValidationData, "validationData", job.ValidationSha256, ct);
+        var (modelDir, weightsSha256) = await inputs.ModelFolderAsync(job, ct);
         ITokenizer tokenizer;
-        try { tokenizer = TokenizerLoader.Load(job.ModelPath, _options.DefaultChatTemplate); }
+        try { tokenizer = TokenizerLoader.Load(modelDir, _options.DefaultChatTemplate); }
         catch (TokenizerException e) { throw new JobFailure("tokenizer_error", e.Message); }
 
         var resumeFrom = await lease.LatestCheckpointAsync(ct);
         if (resumeFrom is not null) await lease.EventAsync("resumed", $"Resuming from the checkpoint of step {resumeFrom.Value.Step}.", ct);
 
-        var spec = new TrainingSpec(job.ModelPath, tokenizer, train.Examples, validation?.Examples, method, hyper,
+        var spec = new TrainingSpec(modelDir, tokenizer, train.Examples, validation?.Examples, method, hyper,
             device, ScalarType.Float32, store.CheckpointDir(job.Id), resumeFrom?.Path, staging,
             LogEvery: _options.LogEvery, CheckpointEvery: _options.CheckpointEvery, BaseModelName: job.Model)
         {
-            DatasetSha256 = train.Sha256,
+            DatasetSha256 = train.Sha256, ValidationSha256 = validation?.Sha256,
+            BaseModelUri = job.ModelUri, BaseModelSha256 = weightsSha256,
         };
         var reporter = new Reporter(lease, store, _options);
         var stopwatch = Stopwatch.StartNew();
         var result = await new Trainer().RunAsync(spec, reporter, ct);
         log.LogInformation("Job {JobId} trained {Steps} steps in {Seconds:F1}s, final loss {Loss:F4}",
             job.Id, result.Steps, stopwatch.Elapsed.TotalSeconds, result.FinalLoss);
-        return result;
-    }
-
-    private DatasetReadResult ReadDataset(string uri, string field)
-    {
-        DatasetReadResult result;
-        try { result = DatasetReader.Read(DatasetUri.Resolve(uri, storage.DataRoots)); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException or DatasetException or DatasetUriException)
-        {
-            throw new JobFailure("invalid_data", $"{field}: {e.Message}");
-        }
-        if (result.ErrorCount > 0)
-            throw new JobFailure("invalid_data",
-                $"{field}: {result.ErrorCount} bad line(s): {string.Join("; ", result.Errors.Take(5))}");
-        if (result.Examples.Count == 0) throw new JobFailure("invalid_data", $"{field}: the dataset has no examples.");
         return result;
     }
 

@@ -18,7 +18,16 @@ namespace FineTune.Worker.Training;
 public sealed record TrainingSpec(string ModelDir, ITokenizer Tokenizer, IReadOnlyList<DatasetExample> Train,
     IReadOnlyList<DatasetExample>? Validation, MethodSpec Method, Hyperparameters Hyper, Device Device, ScalarType ComputeDType,
     string CheckpointDir, string? ResumeFrom, string OutputDir, int LogEvery = 10, int CheckpointEvery = 50,
-    string BaseModelName = "", string? DatasetSha256 = null);
+    string BaseModelName = "", string? DatasetSha256 = null)
+{
+    public string? ValidationSha256 { get; init; }
+    /// <summary>Where the base model came from (file:// or https:// folder) and its verified weights checksum.</summary>
+    public string? BaseModelUri { get; init; }
+    public string? BaseModelSha256 { get; init; }
+}
+
+/// <summary>How the training data was prepared, for metadata.json.</summary>
+public sealed record DataPreparation(int TrainExamples, int Rows, int Truncated, int Skipped, string ValidationSource, int ValidationExamples);
 
 public sealed record TrainingMetrics(long Step, long TotalSteps, double Loss, double LearningRate, double TokensPerSecond,
     double ElapsedSeconds, double? ValidationLoss);
@@ -53,9 +62,7 @@ public sealed class Trainer
         Validate(spec);
         ct.ThrowIfCancellationRequested();
 
-        var data = TrainingData.Build(spec.Train, spec.Tokenizer, hyper.MaxSeqLength, hyper.BatchSize, hyper.Seed);
-        var validation = spec.Validation is { Count: > 0 } v ? TrainingData.Encode(v, spec.Tokenizer, hyper.MaxSeqLength, out _) : null;
-        if (validation is { Count: 0 }) validation = null;
+        var (data, validation, prepared) = PrepareData(spec);
         // bf16/fp16 matmuls on the CPU are slow or missing in libtorch 1.13; the CPU computes in fp32.
         var dtype = spec.Device.Kind == DeviceKind.Cpu ? ScalarType.Float32 : spec.ComputeDType;
 
@@ -91,15 +98,19 @@ public sealed class Trainer
             tokensSeen += stepTokens;
             windowTokens += stepTokens;
 
-            if (step % spec.LogEvery == 0 || step == totalSteps)
+            var logNow = step % spec.LogEvery == 0 || step == totalSteps;
+            // Validation at every metrics row, or every evalEvery steps (and at the end) when set.
+            var evalNow = validation is not null && (hyper.EvalEvery is { } every ? step % every == 0 || step == totalSteps : logNow);
+            if (logNow || evalNow)
             {
                 lastLoss = lossWindow.ItemDouble() / windowSteps;     // the one host sync per log interval
                 lossWindow.Zero_();
                 windowSteps = 0;
-                lastValidation = validation is null ? null : ValidationLoss(model, method, validation, hyper.BatchSize, spec.Tokenizer.PadId);
+                double? rowValidation = null;
+                if (evalNow) rowValidation = lastValidation = ValidationLoss(model, method, validation!, hyper.BatchSize, spec.Tokenizer.PadId);
                 var seconds = windowClock.Elapsed.TotalSeconds;
                 await reporter.OnMetricsAsync(new TrainingMetrics(step, totalSteps, lastLoss, hyper.LearningRate * factor,
-                    seconds > 0 ? windowTokens / seconds : 0, clock.Elapsed.TotalSeconds, lastValidation), ct);
+                    seconds > 0 ? windowTokens / seconds : 0, clock.Elapsed.TotalSeconds, rowValidation), ct);
                 windowTokens = 0;
                 windowClock.Restart();
             }
@@ -115,7 +126,7 @@ public sealed class Trainer
         }
 
         ct.ThrowIfCancellationRequested();
-        var files = WriteOutput(spec, method, data, step, tokensSeen, lastLoss, lastValidation);
+        var files = WriteOutput(spec, method, prepared, step, tokensSeen, lastLoss, lastValidation);
         return new TrainingResult(step, lastLoss, lastValidation, tokensSeen, spec.OutputDir, files);
     }
 
@@ -136,7 +147,8 @@ public sealed class Trainer
             using var scope = DisposeScope.Begin();
             var ids = Tensor.From(b.Ids, b.Rows, b.Length).To(device);
             var labels = Tensor.From(b.Labels, b.Rows, b.Length).To(device);
-            var loss = model.Loss(ids, labels, "sum") / lossTokens;
+            var (positions, mask) = PackedInputs(b, device);
+            var loss = model.Loss(ids, labels, "sum", positions, mask) / lossTokens;
             loss.Backward();
             lossWindow.Add_(loss.Detach());
         }
@@ -148,6 +160,40 @@ public sealed class Trainer
         optimizer.ZeroGrad();
         method.AfterOptimizerStep(step, optimizer);
         return batches.Sum(b => b.Tokens);
+    }
+
+    /// <summary>Position ids and the block-diagonal attention mask of a packed batch; nulls for an unpacked one.</summary>
+    public static (Tensor? Positions, Tensor? Mask) PackedInputs(HostBatch b, Device device)
+    {
+        if (b.Positions is null || b.Segments is null) return (null, null);
+        var positions = Tensor.From(b.Positions, b.Rows, b.Length).To(device);
+        return (positions, Llama.PackedMask(Tensor.From(b.Segments, b.Rows, b.Length).To(device)));
+    }
+
+    /// <summary>
+    /// Encodes the examples under the truncation policy; takes the validation set from the validation file, or holds
+    /// out <c>validationSplit</c> of the training examples (seeded); packs the training rows when asked. Validation
+    /// examples are never packed, so validation loss compares across runs with and without packing.
+    /// </summary>
+    public static (TrainingData Data, List<EncodedExample>? Validation, DataPreparation Prepared) PrepareData(TrainingSpec spec)
+    {
+        var hyper = spec.Hyper;
+        var train = TrainingData.Encode(spec.Train, spec.Tokenizer, hyper.MaxSeqLength, hyper.Truncation, out var skipped, out var truncated);
+        List<EncodedExample>? validation = null;
+        var source = "none";
+        if (spec.Validation is { Count: > 0 } v)
+        {
+            validation = TrainingData.Encode(v, spec.Tokenizer, hyper.MaxSeqLength, hyper.Truncation, out _, out _);
+            source = "file";
+        }
+        else if (hyper.ValidationSplit > 0)
+        {
+            (train, validation) = TrainingData.Split(train, hyper.ValidationSplit, hyper.Seed);
+            source = "split";
+        }
+        if (validation is { Count: 0 }) (validation, source) = (null, "none");
+        var data = TrainingData.FromEncoded(train, skipped, hyper.BatchSize, spec.Tokenizer.PadId, hyper.Seed, hyper.Packing, hyper.MaxSeqLength);
+        return (data, validation, new DataPreparation(train.Count, data.Count, truncated, skipped, source, validation?.Count ?? 0));
     }
 
     /// <summary>
@@ -221,7 +267,7 @@ public sealed class Trainer
                 throw new DatasetEncodingException(e.Line, $"token id {e.Ids.First(id => id < 0 || id >= vocabSize)} is outside the model's vocabulary ({vocabSize}); tokenizer and model do not match");
     }
 
-    private static IReadOnlyList<string> WriteOutput(TrainingSpec spec, IAdapterMethod method, TrainingData data, long steps,
+    private static IReadOnlyList<string> WriteOutput(TrainingSpec spec, IAdapterMethod method, DataPreparation data, long steps,
                                                      long tokensSeen, double finalLoss, double? finalValidation)
     {
         Directory.CreateDirectory(spec.OutputDir);
@@ -235,15 +281,29 @@ public sealed class Trainer
             ["base_model"] = new JsonObject
             {
                 ["name"] = spec.BaseModelName,
+                ["uri"] = spec.BaseModelUri,
+                ["weights_sha256"] = spec.BaseModelSha256,
                 ["files"] = BaseModelFiles(spec.ModelDir),
             },
             ["dataset_sha256"] = spec.DatasetSha256,
+            ["validation_dataset_sha256"] = spec.ValidationSha256,
             ["seed"] = spec.Hyper.Seed,
             ["steps"] = steps,
             ["tokens_seen"] = tokensSeen,
-            ["train_examples"] = data.Count,
+            ["train_examples"] = data.TrainExamples,
             ["skipped_examples"] = data.Skipped,
-            ["validation_examples"] = spec.Validation?.Count ?? 0,
+            ["validation_examples"] = data.ValidationExamples,
+            ["data"] = new JsonObject
+            {
+                ["shuffle"] = "seeded per epoch (seed)",
+                ["truncation"] = spec.Hyper.Truncation,
+                ["truncated_examples"] = data.Truncated,
+                ["packing"] = spec.Hyper.Packing,
+                ["rows"] = data.Rows,
+                ["validation"] = data.ValidationSource,
+                ["validation_split"] = spec.Hyper.ValidationSplit,
+                ["eval_every"] = spec.Hyper.EvalEvery,
+            },
             ["trainable_parameters"] = method.TrainableParameterCount,
             ["lora_export"] = method.ExportInfo?.DeepClone(),
             ["final_loss"] = double.IsFinite(finalLoss) ? finalLoss : null,

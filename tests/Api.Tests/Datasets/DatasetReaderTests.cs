@@ -223,7 +223,7 @@ public sealed class DatasetReaderTests : IDisposable
         var longText = new string('a', 300);
         var content = $"{{\"text\":\"short\"}}\n{{\"text\":\"{longText}\"}}\n{{\"text\":\"after\"}}\n";
         var r = DatasetReader.Read(Write(content), limits: new DatasetLimits(MaxLineBytes: 100));
-        Assert.Equal(new DatasetIssue(2, "line is longer than 100 bytes"), Assert.Single(r.Errors));
+        Assert.Equal(new DatasetIssue(2, "line is longer than 100 bytes (Datasets:MaxLineBytes)"), Assert.Single(r.Errors));
         Assert.Equal(["short", "after"], r.Examples.Select(e => e.Completion));
     }
 
@@ -267,7 +267,7 @@ public sealed class DatasetReaderTests : IDisposable
         var r = DatasetReader.Read(Write(string.Concat(Enumerable.Repeat("{\"text\":\"t\"}\n", 5))),
             limits: new DatasetLimits(MaxExamples: 3));
         Assert.Equal(3, r.ExampleCount);
-        Assert.Equal(new DatasetIssue(4, "the dataset has more than 3 examples"), Assert.Single(r.Errors));
+        Assert.Equal(new DatasetIssue(4, "the dataset has more than 3 examples (Datasets:MaxExamples)"), Assert.Single(r.Errors));
     }
 
     [Fact]

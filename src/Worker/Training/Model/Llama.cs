@@ -136,7 +136,9 @@ public sealed class Attention : Module
         OProj = RegisterModule("o_proj", w.Linear($"{p}.o_proj", c.AttentionBias));
     }
 
-    public Tensor Forward(Tensor x, Tensor cos, Tensor sin)
+    /// <param name="mask">Null: causal attention. Else a Bool (B, 1, T, T) mask of the positions each one may attend
+    /// (packed rows: causal within each example, see <see cref="Llama.PackedMask"/>).</param>
+    public Tensor Forward(Tensor x, Tensor cos, Tensor sin, Tensor? mask = null)
     {
         long b = x.Size(0), t = x.Size(1);
         var q = QProj.Forward(x).View(b, t, _heads, _headDim).Transpose(1, 2);
@@ -151,9 +153,9 @@ public sealed class Attention : Module
             k = k.Unsqueeze(2).Expand(b, _kvHeads, rep, t, _headDim).Reshape(b, _heads, t, _headDim);
             v = v.Unsqueeze(2).Expand(b, _kvHeads, rep, t, _headDim).Reshape(b, _heads, t, _headDim);
         }
-        // Causal only: batches are right-padded, so a real token never sees a pad (pads come after it), and
-        // positions of pads carry label -100.
-        var y = F.ScaledDotProductAttention(q, k, v, isCausal: true);
+        // Unpacked batches are right-padded, so causal alone keeps a real token from seeing a pad (pads come after
+        // it), and positions of pads carry label -100.
+        var y = mask is null ? F.ScaledDotProductAttention(q, k, v, isCausal: true) : F.ScaledDotProductAttention(q, k, v, mask);
         return OProj.Forward(y.Transpose(1, 2).Reshape(b, t, _heads * _headDim));
     }
 }
@@ -189,9 +191,9 @@ public sealed class DecoderLayer : Module
         Mlp = RegisterModule("mlp", new Mlp(c, w, $"{p}.mlp"));
     }
 
-    public Tensor Forward(Tensor x, Tensor cos, Tensor sin)
+    public Tensor Forward(Tensor x, Tensor cos, Tensor sin, Tensor? mask = null)
     {
-        var h = x + SelfAttn.Forward(InputLayernorm.Forward(x), cos, sin);
+        var h = x + SelfAttn.Forward(InputLayernorm.Forward(x), cos, sin, mask);
         return h + Mlp.Forward(PostAttentionLayernorm.Forward(h));
     }
 }
@@ -263,29 +265,51 @@ public sealed class Llama : Module
     }
 
     /// <summary>Logits (B, T, vocab) for input ids (B, T).</summary>
-    public Tensor Forward(Tensor ids)
+    /// <param name="positions">Position ids (B, T) for packed rows (restarting at each example); null: 0..T-1.</param>
+    /// <param name="mask">Attention mask for packed rows (<see cref="PackedMask"/>); null: causal.</param>
+    public Tensor Forward(Tensor ids, Tensor? positions = null, Tensor? mask = null)
     {
-        var h = Hidden(ids);
+        var h = Hidden(ids, positions, mask);
         return LmHead is not null ? LmHead.Forward(h) : F.Linear(h, Model.EmbedTokens.Weight);
     }
 
     /// <summary>Final hidden states (B, T, hidden).</summary>
-    public Tensor Hidden(Tensor ids)
+    public Tensor Hidden(Tensor ids, Tensor? positions = null, Tensor? mask = null)
     {
         if (Config.SequenceLengthProblem((int)ids.Size(1)) is { } problem) throw new ArgumentException(problem);
         var x = Model.EmbedTokens.Forward(ids);
         var (cos, sin) = _rotary.Tables(ids.Size(1), Device, x.DType);
-        for (var i = 0; i < Model.Layers.Count; i++) x = Model.Layers[i].Forward(x, cos, sin);
+        if (positions is not null)
+        {
+            // Per-token rotary angles (B, 1, T, headDim): each packed example starts again at position 0.
+            cos = F.Embedding(cos, positions).Unsqueeze(1);
+            sin = F.Embedding(sin, positions).Unsqueeze(1);
+        }
+        for (var i = 0; i < Model.Layers.Count; i++) x = Model.Layers[i].Forward(x, cos, sin, mask);
         return Model.Norm.Forward(x);
+    }
+
+    /// <summary>
+    /// The attention mask of packed rows from their segment ids (B, T): a position attends to the earlier positions of
+    /// its own segment only (block-diagonal and causal), so packed examples never see each other. Padding carries its
+    /// own segment id, so every row of the mask has at least its diagonal (no all-masked softmax).
+    /// </summary>
+    public static Tensor PackedMask(Tensor segments)
+    {
+        using var scope = DisposeScope.Begin();
+        long t = segments.Size(1);
+        var same = segments.Unsqueeze(2).Eq(segments.Unsqueeze(1));
+        var causal = Tensor.Ones([t, t], ScalarType.Bool, segments.Device).Tril();
+        return same.MaskedFill(causal.LogicalNot(), 0).Unsqueeze(1).MoveToOuterScope();
     }
 
     /// <summary>
     /// Next-token cross-entropy over positions whose label is not -100 (labels aligned with ids; shifted here), in fp32.
     /// <paramref name="reduction"/> "sum" lets the caller normalise over a whole accumulated step.
     /// </summary>
-    public Tensor Loss(Tensor ids, Tensor labels, string reduction = "mean")
+    public Tensor Loss(Tensor ids, Tensor labels, string reduction = "mean", Tensor? positions = null, Tensor? mask = null)
     {
-        var logits = Forward(ids);
+        var logits = Forward(ids, positions, mask);
         long t = ids.Size(1), v = logits.Size(-1);
         var shifted = logits.Narrow(1, 0, t - 1).Reshape(-1, v).To(ScalarType.Float32);
         var targets = labels.Narrow(1, 1, t - 1).Reshape(-1);
