@@ -11,6 +11,7 @@ namespace FineTune.Domain.Methods;
 [JsonPolymorphic(TypeDiscriminatorPropertyName = "type", UnknownDerivedTypeHandling = JsonUnknownDerivedTypeHandling.FailSerialization)]
 [JsonDerivedType(typeof(LoraMethod), "lora")]
 [JsonDerivedType(typeof(BoneMethod), "bone")]
+[JsonDerivedType(typeof(DoraMethod), "dora")]
 public abstract record MethodSpec
 {
     /// <summary>Short module names to adapt (HF names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).</summary>

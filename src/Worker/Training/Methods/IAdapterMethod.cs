@@ -75,6 +75,7 @@ public static class AdapterMethods
     {
         [typeof(LoraMethod)] = s => new Lora.LoraAdapter((LoraMethod)s),
         [typeof(BoneMethod)] = s => new Bone.BoneAdapter((BoneMethod)s),
+        [typeof(DoraMethod)] = s => new Dora.DoraAdapter((DoraMethod)s),
     };
 
     public static bool IsSupported(MethodSpec spec) => Factories.ContainsKey(spec.GetType());
