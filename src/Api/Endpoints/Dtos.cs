@@ -12,13 +12,13 @@ public sealed record JobDto(
     Guid Id, JobStatus Status, string Model, string TrainingData, string? ValidationData, MethodSpec Method,
     Hyperparameters Hyperparameters, string AdapterName, string Pool, string Priority, ProgressDto Progress,
     double? LastLoss, ErrorDto? Error, Guid? AdapterId, bool CancelRequested, int Attempt,
-    DateTimeOffset CreatedAt, DateTimeOffset? StartedAt, DateTimeOffset? FinishedAt)
+    DateTimeOffset CreatedAt, DateTimeOffset? StartedAt, DateTimeOffset? FinishedAt, bool Merge)
 {
     public static JobDto From(FineTuneJob j) => new(
         j.Id, j.Status, j.Model, j.TrainingData, j.ValidationData, j.Method, j.Hyperparameters, j.AdapterName, j.Pool,
         Priorities.ToName(j.Priority), new ProgressDto(j.Step, j.TotalSteps), j.LastLoss,
         j.ErrorCode is null ? null : new ErrorDto(j.ErrorCode, j.ErrorMessage ?? ""), j.AdapterId, j.CancelRequested,
-        j.Attempt, j.CreatedAt, j.StartedAt, j.FinishedAt);
+        j.Attempt, j.CreatedAt, j.StartedAt, j.FinishedAt, j.Merge);
 }
 
 public sealed record ProgressDto(int Step, int TotalSteps);

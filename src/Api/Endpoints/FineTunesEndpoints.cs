@@ -78,7 +78,7 @@ public static class FineTunesEndpoints
             TenantId = tenant, Model = s.Request.Model, ModelPath = s.ModelPath, TrainingData = s.Request.TrainingData,
             ValidationData = s.Request.ValidationData, Method = s.Request.Method, Hyperparameters = s.Hyperparameters,
             AdapterName = s.Request.AdapterName, Pool = s.Pool, Priority = Priorities.ToInt(s.Priority),
-            IdempotencyKey = idempotencyKey, RequestHash = s.RequestHash,
+            IdempotencyKey = idempotencyKey, RequestHash = s.RequestHash, Merge = s.Request.Merge,
         };
         job.Created();
         db.Jobs.Add(job);

@@ -9,7 +9,7 @@ namespace FineTune.Worker.Runner;
 
 /// <summary>The job row as the runner needs it.</summary>
 public sealed record JobRow(Guid Id, Guid TenantId, string Model, string ModelPath, string TrainingData,
-    string? ValidationData, string MethodJson, string HyperparametersJson, string AdapterName, int Attempt);
+    string? ValidationData, string MethodJson, string HyperparametersJson, string AdapterName, int Attempt, bool Merge = false);
 
 /// <summary>
 /// This node's claim on a job: taken by a conditional update that bumps <c>lease_generation</c>, renewed by a
@@ -45,7 +45,7 @@ public sealed class JobLease
                AND (status = 'queued'
                     OR (status = 'running' AND (@recovering OR heartbeat_at IS NULL OR heartbeat_at < now() - @timeout)))
             RETURNING tenant_id, model, model_path, training_data, validation_data, method::text, hyperparameters::text,
-                      adapter_name, attempt, lease_generation
+                      adapter_name, attempt, lease_generation, merge
             """;
         await using var cmd = db.CreateCommand(sql);
         cmd.Parameters.AddWithValue("id", jobId);
@@ -58,7 +58,7 @@ public sealed class JobLease
         {
             if (!await r.ReadAsync(ct)) return null;
             job = new JobRow(jobId, r.GetGuid(0), r.GetString(1), r.GetString(2), r.GetString(3),
-                r.IsDBNull(4) ? null : r.GetString(4), r.GetString(5), r.GetString(6), r.GetString(7), r.GetInt32(8));
+                r.IsDBNull(4) ? null : r.GetString(4), r.GetString(5), r.GetString(6), r.GetString(7), r.GetInt32(8), r.GetBoolean(10));
             generation = r.GetInt64(9);
         }
         var lease = new JobLease(db, job, generation);

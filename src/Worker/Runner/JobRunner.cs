@@ -127,6 +127,7 @@ public sealed class JobRunner(
             LogEvery: _options.LogEvery, CheckpointEvery: _options.CheckpointEvery, BaseModelName: job.Model)
         {
             DatasetSha256 = train.Sha256,
+            Merge = job.Merge,
         };
         var reporter = new Reporter(lease, store, _options);
         var stopwatch = Stopwatch.StartNew();
