@@ -6,6 +6,7 @@ using FineTune.Domain.Tokenizers;
 // Besides running a worker node, the binary makes the demo's inputs (no download needed):
 //   FineTune.Worker make-tiny-model <dir>     a tiny random Llama-style model folder with its byte-level tokenizer
 //   FineTune.Worker make-sample-data <file>   a small prompt/completion JSONL dataset
+//   FineTune.Worker parity-cases <dir>        adapters + our logits for scripts/peft_parity.py (PEFT comparison)
 switch (args)
 {
     case ["make-tiny-model", var dir]:
@@ -17,8 +18,12 @@ switch (args)
         SampleData.Write(file);
         Console.WriteLine($"sample dataset written to {Path.GetFullPath(file)}");
         return 0;
+    case ["parity-cases", var dir]:
+        FineTune.Worker.Training.ParityCases.Write(dir);
+        Console.WriteLine($"parity cases written to {Path.GetFullPath(dir)}");
+        return 0;
     case [var verb, ..] when !verb.StartsWith('-'):
-        Console.Error.WriteLine($"unknown command '{verb}'. Commands: make-tiny-model <dir>, make-sample-data <file>; no command runs the worker node.");
+        Console.Error.WriteLine($"unknown command '{verb}'. Commands: make-tiny-model <dir>, make-sample-data <file>, parity-cases <dir>; no command runs the worker node.");
         return 2;
 }
 

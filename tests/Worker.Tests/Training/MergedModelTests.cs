@@ -76,3 +76,48 @@ public sealed class MergedModelTests
         Assert.True(TestData.MaxAbsDiff(back["big"].To(ScalarType.Float32), tensors["big"]) < 2e-2);
     }
 }
+
+public sealed class ParityCasesTests
+{
+    /// <summary>The PEFT parity inputs are self-consistent: our own loaders reproduce each case's logits from its
+    /// native folder, its exact lora/ export and its merged/ model.</summary>
+    [Fact]
+    public void Parity_cases_reproduce_their_logits_from_every_folder()
+    {
+        var dir = TestData.TempDir("parity");
+        var manifest = ParityCases.Write(dir);
+        var modelDir = Path.Combine(dir, "model");
+        Assert.True(File.Exists(Path.Combine(modelDir, "tokenizer.json")));
+        using var scope = DisposeScope.Begin();
+        var ids = ParityCases.Ids();
+        Assert.Equal(ParityCases.Cases.Count, manifest["cases"]!.AsArray().Count);
+        foreach (var (name, spec) in ParityCases.Cases)
+        {
+            var caseDir = Path.Combine(dir, name);
+            var expected = Safetensors.Load(Path.Combine(caseDir, "expected.safetensors"))["logits"];
+            using (var model = Llama.Load(modelDir, Device.Cpu, ScalarType.Float32))
+            using (var method = AdapterMethods.Attach(spec, model, seed: 77))
+            {
+                method.Load(caseDir);
+                method.Train(false);
+                Assert.True(TestData.MaxAbsDiff(model.Forward(ids), expected) < 1e-5, $"{name}: native");
+            }
+            using (var merged = Llama.Load(Path.Combine(caseDir, "merged"), Device.Cpu, ScalarType.Float32))
+                Assert.True(TestData.MaxAbsDiff(merged.Forward(ids), expected) < 1e-5, $"{name}: merged");
+            var exact = spec is LoraMethod;
+            Assert.Equal(exact, (bool)manifest["cases"]!.AsArray().Single(c => (string?)c!["name"] == name)!["lora_export_exact"]!);
+            if (!exact) continue;
+            var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(caseDir, "lora", "adapter_config.json")))!;
+            var r = (int)config["r"]!;
+            using (var model = Llama.Load(modelDir, Device.Cpu, ScalarType.Float32))
+            using (var lora = AdapterMethods.Attach(new LoraMethod { R = r, Alpha = r, TargetModules = spec.TargetModules }, model, seed: 1))
+            {
+                lora.Load(Path.Combine(caseDir, "lora"));
+                Assert.True(TestData.MaxAbsDiff(model.Forward(ids), expected) < 1e-5, $"{name}: lora/");
+            }
+        }
+        var baseLogits = Safetensors.Load(Path.Combine(dir, "base.safetensors"))["logits"];
+        Assert.True(TestData.MaxAbsDiff(baseLogits, Safetensors.Load(Path.Combine(dir, "pissa", "expected.safetensors"))["logits"]) > 1e-3,
+            "the perturbed adapter must move the logits well beyond the tolerance");
+    }
+}
