@@ -203,6 +203,31 @@ public sealed class TrainerTests
     }
 
     [Fact]
+    public void A_checkpoint_written_before_an_option_existed_still_restores()
+    {
+        var method = new LoraMethod { R = 4, TargetModules = ["q_proj"] };
+        var hyper = new Hyperparameters();
+        using var model = FineTune.Worker.Training.Model.Llama.Load(TestData.TinyModelDir, Device.Cpu, ScalarType.Float32);
+        using var adapter = FineTune.Worker.Training.Methods.AdapterMethods.Attach(method, model, 1);
+        using var adam = new FineTune.Worker.Torch.Optim.AdamW(adapter.ParamGroups(hyper));
+        var path = Checkpoint.Write(TestData.TempDir("old-ckpt"), new LoopState(3, new(0, 6), 100, 0, 0), adapter, adam, 42, hyper, 24);
+
+        // The method as a worker without LoRA's init and loraPlusRatio options wrote it.
+        var tensors = Safetensors.Load(path);
+        var meta = Safetensors.ReadMetadata(path).ToDictionary();
+        var old = JsonNode.Parse(meta["method"])!.AsObject();
+        Assert.True(old.Remove("init") && old.Remove("loraPlusRatio"));
+        meta["method"] = old.ToJsonString();
+        Safetensors.Save(path, tensors, meta);
+        Assert.Equal(3, Checkpoint.Restore(path, adapter, adam, hyper, 24).Step);
+
+        // A real difference is still refused.
+        using var model2 = FineTune.Worker.Training.Model.Llama.Load(TestData.TinyModelDir, Device.Cpu, ScalarType.Float32);
+        using var other = FineTune.Worker.Training.Methods.AdapterMethods.Attach(method with { Init = "gaussian" }, model2, 1);
+        Assert.Throws<InvalidDataException>(() => Checkpoint.Restore(path, other, adam, hyper, 24));
+    }
+
+    [Fact]
     public async Task Cancellation_stops_the_loop()
     {
         using var cts = new CancellationTokenSource();
