@@ -40,11 +40,13 @@ public sealed class DoraLayer : IAdapterLayer
     }
 
     /// <summary>‖W + s·B·A‖ per output row, fp32, without gradient. The same expression at init and in the forward, so
-    /// f = m / norm is exactly 1 while B = 0.</summary>
+    /// f = m / norm is exactly 1 while B = 0. Its (out × in) temporaries are freed at once, not at the end of the step's
+    /// scope: held for every layer until the backward they would add up to a full fp32 copy of the adapted weights.</summary>
     private Tensor WeightNorm()
     {
         using var noGrad = Torch.Torch.NoGrad();
-        return (Base.Weight.To(ScalarType.Float32) + B.MatMul(A) * Scaling).Norm(2, [1]);
+        using var scope = DisposeScope.Begin();
+        return (Base.Weight.To(ScalarType.Float32) + B.MatMul(A) * Scaling).Norm(2, [1]).MoveToOuterScope();
     }
 
     public Tensor Forward(Tensor x, Tensor baseOutput)
@@ -119,7 +121,13 @@ public sealed class DoraAdapter(DoraMethod spec) : AdapterMethodBase(spec)
     protected override IReadOnlyList<string> SaveExports(string dir, string baseModelName)
     {
         using var scope = DisposeScope.Begin();
-        var modules = Layers.Select(kv => LoraExport.FromDelta(kv.Key, kv.Value.DeltaWeight(), Dora.R)).ToList();
+        var modules = new List<LoraExport.Module>();
+        foreach (var (path, layer) in Layers)
+        {
+            using var perModule = DisposeScope.Begin();    // one module's ΔW (out × in) at a time
+            var m = LoraExport.FromDelta(path, layer.DeltaWeight(), Dora.R);
+            modules.Add(m with { A = m.A.MoveToOuterScope(), B = m.B.MoveToOuterScope() });
+        }
         var files = LoraExport.Write(dir, baseModelName, TargetModules, modules, out var info,
             $"DoRA: rank-{Dora.R} truncated SVD of each module's delta weight");
         ExportInfo = info;
