@@ -56,6 +56,7 @@ public sealed class HostTests(ApiFactory api) : IClassFixture<ApiFactory>
         var media = post.GetProperty("requestBody").GetProperty("content").GetProperty("application/json");
         Assert.True(media.GetProperty("examples").TryGetProperty("lora", out _));
         Assert.True(media.GetProperty("examples").TryGetProperty("bone", out _));
+        Assert.True(media.GetProperty("examples").TryGetProperty("dora", out _));
 
         var schemes = root.GetProperty("components").GetProperty("securitySchemes");
         Assert.Equal("bearer", schemes.GetProperty("bearer").GetProperty("scheme").GetString());
@@ -66,6 +67,9 @@ public sealed class HostTests(ApiFactory api) : IClassFixture<ApiFactory>
         Assert.Contains("oneOf", json);
         Assert.Contains("LoraMethod", json);
         Assert.Contains("BoneMethod", json);
+        Assert.Contains("DoraMethod", json);
+        var merge = schemas.GetProperty("CreateFineTuneRequest").GetProperty("properties").GetProperty("merge");
+        Assert.Contains("merged/", merge.GetProperty("description").GetString());
         Assert.Contains("\"propertyName\": \"type\"", json.Replace("\"propertyName\":\"type\"", "\"propertyName\": \"type\""));
 
         Assert.Equal(HttpStatusCode.OK, (await client.GetAsync("/swagger/index.html", Ct)).StatusCode);

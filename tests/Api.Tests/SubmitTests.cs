@@ -93,6 +93,50 @@ public sealed class SubmitTests(ApiFactory api) : IClassFixture<ApiFactory>
             Assert.True(System.Text.Json.Nodes.JsonNode.DeepEquals(value, stored[key]), $"{key}: sent {value}, stored {stored[key]}");
     }
 
+    [Fact]
+    public async Task Lora_family_options_and_merge_are_accepted_and_stored()
+    {
+        var client = await api.ClientAsync("submit-lora-family");
+        var pissa = Requests.LoraWith(o =>
+        {
+            o["method"]!["init"] = "pissa";
+            o["method"]!["loraPlusRatio"] = 16;
+        });
+        var dora = Requests.LoraWith(o =>
+        {
+            o["method"] = new System.Text.Json.Nodes.JsonObject
+            {
+                ["type"] = "dora", ["r"] = 4, ["init"] = "gaussian", ["targetModules"] = new System.Text.Json.Nodes.JsonArray("q_proj", "o_proj"),
+            };
+            o["merge"] = true;
+        });
+        var first = await client.PostAsync("/v1/fine-tunes", Requests.Body(pissa), Ct);
+        Assert.Equal(HttpStatusCode.Accepted, first.StatusCode);
+        var pissaJob = await first.JsonAsync();
+        Assert.Equal("pissa", pissaJob.GetProperty("method").GetProperty("init").GetString());
+        Assert.Equal(16, pissaJob.GetProperty("method").GetProperty("loraPlusRatio").GetDouble());
+        Assert.False(pissaJob.GetProperty("merge").GetBoolean());
+
+        var second = await client.PostAsync("/v1/fine-tunes", Requests.Body(dora), Ct);
+        Assert.Equal(HttpStatusCode.Accepted, second.StatusCode);
+        var doraJob = await second.JsonAsync();
+        Assert.Equal("dora", doraJob.GetProperty("method").GetProperty("type").GetString());
+        Assert.Equal(JsonValueKind.Null, doraJob.GetProperty("method").GetProperty("loraPlusRatio").ValueKind);
+        Assert.True(doraJob.GetProperty("merge").GetBoolean());
+
+        await using var db = api.Db();
+        var tenant = await api.TenantIdAsync("submit-lora-family");
+        var rows = await db.Jobs.Where(j => j.TenantId == tenant).ToListAsync(Ct);
+        var pissaRow = rows.Single(r => r.Id == pissaJob.GetProperty("id").GetGuid());
+        var lora = Assert.IsType<LoraMethod>(pissaRow.Method);
+        Assert.Equal(("pissa", 16.0), (lora.Init, lora.LoraPlusRatio!.Value));
+        Assert.False(pissaRow.Merge);
+        var doraRow = rows.Single(r => r.Id == doraJob.GetProperty("id").GetGuid());
+        Assert.True(doraRow.Merge);
+        var doraMethod = Assert.IsType<DoraMethod>(doraRow.Method);
+        Assert.Equal(("gaussian", 4), (doraMethod.Init, doraMethod.R));
+    }
+
     public static TheoryData<string, string, int, string, string> BadInputs()
     {
         static string Edit(Action<System.Text.Json.Nodes.JsonObject> e) => Requests.LoraWith(e);
@@ -137,6 +181,16 @@ public sealed class SubmitTests(ApiFactory api) : IClassFixture<ApiFactory>
             { "plain http dataset", Edit(o => o["trainingData"] = "http://example.com/x.jsonl"), 422, "trainingData", "plain http:// is not accepted" },
             { "other scheme dataset", Edit(o => o["trainingData"] = "s3://bucket/x.jsonl"), 422, "trainingData", "unsupported dataset URI scheme \"s3\"" },
             { "missing validation dataset", Edit(o => o["validationData"] = "nope.jsonl"), 422, "validationData", "was not found" },
+            { "unknown lora init", Edit(o => o["method"]!["init"] = "kaiming"), 422, "method.init", "must be one of: default, gaussian, pissa, olora" },
+            { "null lora init", Edit(o => o["method"]!["init"] = null), 400, "method.init", "must not be null" },
+            { "lora+ ratio below 1", Edit(o => o["method"]!["loraPlusRatio"] = 0.5), 422, "method.loraPlusRatio", "between 1 and 1000" },
+            { "lora+ ratio too large", Edit(o => o["method"]!["loraPlusRatio"] = 5000), 422, "method.loraPlusRatio", "between 1 and 1000" },
+            { "lora+ ratio as string", Edit(o => o["method"]!["loraPlusRatio"] = "16"), 400, "method.loraPlusRatio", "must be a number" },
+            { "dora with pissa init", Edit(o => { o["method"]!["type"] = "dora"; o["method"]!["init"] = "pissa"; }), 422, "method.init", "must be one of: default, gaussian" },
+            { "dora alpha out of range", Edit(o => { o["method"]!["type"] = "dora"; o["method"]!["alpha"] = 0; }), 422, "method.alpha", "must be > 0" },
+            { "dora r larger than a module", Edit(o => { o["method"]!["type"] = "dora"; o["method"]!["r"] = 40; }), 422, "method.r", "module v_proj with shape (32, 64)" },
+            { "pissa r larger than a module", Edit(o => { o["method"]!["init"] = "pissa"; o["method"]!["r"] = 33; }), 422, "method.r", "module v_proj with shape (32, 64)" },
+            { "merge not a boolean", Edit(o => o["merge"] = "yes"), 400, "merge", "has the wrong type" },
         };
     }
 

@@ -1,5 +1,6 @@
 using System.IO.Compression;
 using System.Net;
+using System.Text.Json;
 using System.Text.Json.Nodes;
 
 [assembly: CollectionBehavior(DisableTestParallelization = true)]
@@ -56,13 +57,19 @@ public sealed class JobLifecycleTests(JobLifecycleTests.Fixture service) : IClas
         Assert.Equal(16, peft["r"]!.GetValue<int>());
     }
 
+    /// <summary>The second version is a DoRA job with <c>merge: true</c>: the option travels through the job row and
+    /// the lease to the trainer, and the registry lists the merged model's files.</summary>
     [Fact]
     public async Task Lora_job_succeeds_and_versions_of_one_task_are_numbered()
     {
         var method = new { type = "lora", r = 4, alpha = 8, targetModules = new[] { "q_proj", "v_proj" } };
         var hyper = new { epochs = 1, batchSize = 8, learningRate = 3e-3, maxSeqLength = 64, seed = 3 };
         var a = await S.SubmitAsync(S.JobBody(method, hyper, "capitals-lora"));
-        var b = await S.SubmitAsync(S.JobBody(method, hyper, "capitals-lora"));
+        var doraMerged = JsonSerializer.SerializeToNode(S.JobBody(new { type = "dora", r = 4, alpha = 8, targetModules = new[] { "q_proj", "v_proj" } },
+            hyper, "capitals-lora"))!.AsObject();
+        doraMerged["merge"] = true;
+        var b = await S.SubmitAsync(doraMerged);
+        Assert.True(b["merge"]!.GetValue<bool>());
         var ja = await S.WaitForAsync(a["id"]!.GetValue<string>(), ServiceFixture.Finished, TimeSpan.FromMinutes(3));
         var jb = await S.WaitForAsync(b["id"]!.GetValue<string>(), ServiceFixture.Finished, TimeSpan.FromMinutes(3));
         Assert.Equal("succeeded", ServiceFixture.Status(ja));
@@ -74,6 +81,9 @@ public sealed class JobLifecycleTests(JobLifecycleTests.Fixture service) : IClas
             versions.Add(adapter["version"]!.GetValue<int>());
             var peft = adapter["files"]!.AsArray().Select(f => f!["path"]!.GetValue<string>()).ToList();
             Assert.Contains("adapter_config.json", peft);
+            Assert.Contains("lora/adapter_model.safetensors", peft);
+            Assert.Equal(j == jb, peft.Contains("merged/model.safetensors"));
+            Assert.Equal(j == jb, peft.Contains("merged/config.json"));
         }
         Assert.Equal([1, 2], versions.Order());
     }

@@ -12,7 +12,7 @@ public sealed record JobDto(
     Guid Id, JobStatus Status, string Model, string TrainingData, string? ValidationData, MethodSpec Method,
     Hyperparameters Hyperparameters, string AdapterName, string Pool, string Priority, ProgressDto Progress,
     double? LastLoss, ErrorDto? Error, Guid? AdapterId, bool CancelRequested, int Attempt,
-    DateTimeOffset CreatedAt, DateTimeOffset? StartedAt, DateTimeOffset? FinishedAt, QueueInfo? Queue = null)
+    DateTimeOffset CreatedAt, DateTimeOffset? StartedAt, DateTimeOffset? FinishedAt, bool Merge, QueueInfo? Queue = null)
 {
     /// <summary>The training data as counted at submit (examples, tokens after truncation, truncated examples, sha256).</summary>
     public DatasetDto? Dataset { get; init; }
@@ -24,7 +24,7 @@ public sealed record JobDto(
         j.Id, j.Status, j.Model, j.TrainingData, j.ValidationData, j.Method, j.Hyperparameters, j.AdapterName, j.Pool,
         Priorities.ToName(j.Priority), new ProgressDto(j.Step, j.TotalSteps), j.LastLoss,
         j.ErrorCode is null ? null : new ErrorDto(j.ErrorCode, j.ErrorMessage ?? ""), j.AdapterId, j.CancelRequested,
-        j.Attempt, j.CreatedAt, j.StartedAt, j.FinishedAt)
+        j.Attempt, j.CreatedAt, j.StartedAt, j.FinishedAt, j.Merge)
     {
         Dataset = j.DatasetSha256 is null ? null
             : new DatasetDto(j.TrainingExamples, j.DatasetTokens, j.DatasetTruncated, j.DatasetSkipped, j.DatasetSha256),

@@ -93,7 +93,7 @@ public static class FineTunesEndpoints
             TenantId = tenant, Model = s.Request.Model, ModelPath = s.ModelPath, TrainingData = s.Request.TrainingData,
             ValidationData = s.Request.ValidationData, Method = s.Request.Method, Hyperparameters = s.Hyperparameters,
             AdapterName = s.Request.AdapterName, Pool = s.Pool, Priority = Priorities.ToInt(s.Priority),
-            IdempotencyKey = idempotencyKey, RequestHash = s.RequestHash,
+            IdempotencyKey = idempotencyKey, RequestHash = s.RequestHash, Merge = s.Request.Merge,
             ModelUri = s.ModelUri, ModelSha256 = s.ModelSha256,
             DatasetSha256 = s.Training?.Sha256, TrainingExamples = s.Training?.Examples, DatasetTokens = s.Training?.Tokens,
             DatasetTruncated = s.Training?.Truncated, DatasetSkipped = s.Training?.Skipped, ValidationSha256 = s.Validation?.Sha256,

@@ -22,6 +22,8 @@ public sealed class FineTuneJob
     public required string AdapterName { get; init; }
     public required string Pool { get; init; }
     public int Priority { get; init; }
+    /// <summary>Also publish the merged full model (<c>merged/</c>) beside the adapter.</summary>
+    public bool Merge { get; init; }
 
     public JobStatus Status { get; private set; } = JobStatus.Queued;
     public bool CancelRequested { get; private set; }

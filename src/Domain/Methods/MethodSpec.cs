@@ -11,6 +11,7 @@ namespace FineTune.Domain.Methods;
 [JsonPolymorphic(TypeDiscriminatorPropertyName = "type", UnknownDerivedTypeHandling = JsonUnknownDerivedTypeHandling.FailSerialization)]
 [JsonDerivedType(typeof(LoraMethod), "lora")]
 [JsonDerivedType(typeof(BoneMethod), "bone")]
+[JsonDerivedType(typeof(DoraMethod), "dora")]
 [JsonDerivedType(typeof(BatMethod), "bat")]
 [JsonDerivedType(typeof(SboraMethod), "sbora")]
 [JsonDerivedType(typeof(VbLoraMethod), "vblora")]

@@ -12,7 +12,7 @@ namespace FineTune.Worker.Runner;
 
 /// <summary>The job row as the runner needs it.</summary>
 public sealed record JobRow(Guid Id, Guid TenantId, string Model, string ModelPath, string TrainingData,
-    string? ValidationData, string MethodJson, string HyperparametersJson, string AdapterName, int Attempt)
+    string? ValidationData, string MethodJson, string HyperparametersJson, string AdapterName, int Attempt, bool Merge = false)
 {
     /// <summary>The model's source (file:// or https:// folder) and registered weights checksum, recorded at submit.</summary>
     public string? ModelUri { get; init; }
@@ -110,7 +110,7 @@ public sealed class JobLease
                AND (status = 'queued'
                     OR (status = 'running' AND (@takeover OR heartbeat_at IS NULL OR heartbeat_at < now() - @timeout)))
             RETURNING tenant_id, model, model_path, training_data, validation_data, method::text, hyperparameters::text,
-                      adapter_name, attempt, lease_generation, model_uri, model_sha256, dataset_sha256, validation_sha256
+                      adapter_name, attempt, lease_generation, model_uri, model_sha256, dataset_sha256, validation_sha256, merge
             """;
         await using var cmd = new NpgsqlCommand(sql, conn, tx);
         cmd.Parameters.AddWithValue("id", target.Value);
@@ -125,7 +125,7 @@ public sealed class JobLease
             if (!await r.ReadAsync(ct)) return null;
             string? Text(int i) => r.IsDBNull(i) ? null : r.GetString(i);
             job = new JobRow(target.Value, r.GetGuid(0), r.GetString(1), r.GetString(2), r.GetString(3),
-                Text(4), r.GetString(5), r.GetString(6), r.GetString(7), r.GetInt32(8))
+                Text(4), r.GetString(5), r.GetString(6), r.GetString(7), r.GetInt32(8), r.GetBoolean(14))
             {
                 ModelUri = Text(10), ModelSha256 = Text(11), DatasetSha256 = Text(12), ValidationSha256 = Text(13),
             };

@@ -143,6 +143,7 @@ public sealed class JobRunner(
         {
             DatasetSha256 = train.Sha256, ValidationSha256 = validation?.Sha256,
             BaseModelUri = job.ModelUri, BaseModelSha256 = weightsSha256,
+            Merge = job.Merge,
         };
         var reporter = new Reporter(lease, store, _options);
         var stopwatch = Stopwatch.StartNew();

@@ -25,10 +25,20 @@ public static class Safetensors
 
     internal static string Name(ScalarType t) => DTypes.First(kv => kv.Value == t).Key;
 
-    public static void Save(string path, IReadOnlyDictionary<string, Tensor> tensors, IReadOnlyDictionary<string, string>? metadata = null)
+    public static void Save(string path, IReadOnlyDictionary<string, Tensor> tensors, IReadOnlyDictionary<string, string>? metadata = null) =>
+        Save(path, tensors, metadata, _ => null);
+
+    /// <summary>
+    /// Writes <paramref name="tensors"/>, each converted to the dtype <paramref name="dtypeOf"/> gives its name (null: its
+    /// own dtype). Tensors are read back and written one at a time, in slices of at most <paramref name="sliceBytes"/>
+    /// along their first dimension, so saving a full model copy (a merged model, possibly on a GPU) never holds a second
+    /// copy in memory.
+    /// </summary>
+    public static void Save(string path, IReadOnlyDictionary<string, Tensor> tensors, IReadOnlyDictionary<string, string>? metadata,
+                            Func<string, ScalarType?> dtypeOf, long sliceBytes = 64L << 20)
     {
         var names = tensors.Keys.OrderBy(k => k, StringComparer.Ordinal).ToList();
-        var blobs = new List<byte[]>(names.Count);
+        var dtypes = new List<ScalarType>(names.Count);
         var header = new Dictionary<string, object>();
         if (metadata is { Count: > 0 }) header["__metadata__"] = metadata;
         long offset = 0;
@@ -36,13 +46,14 @@ public static class Safetensors
         {
             if (name == "__metadata__") throw new SafetensorsException(path, "a tensor may not be named __metadata__");
             var t = tensors[name];
-            var bytes = t.ToBytes();
-            blobs.Add(bytes);
+            var dtype = dtypeOf(name) ?? t.DType;
+            dtypes.Add(dtype);
+            var size = t.NumEl * ElementSize(dtype);
             header[name] = new Dictionary<string, object>
             {
-                ["dtype"] = Name(t.DType), ["shape"] = t.Shape, ["data_offsets"] = new[] { offset, offset + bytes.Length },
+                ["dtype"] = Name(dtype), ["shape"] = t.Shape, ["data_offsets"] = new[] { offset, offset + size },
             };
-            offset += bytes.Length;
+            offset += size;
         }
         var json = JsonSerializer.SerializeToUtf8Bytes(header);
         var padded = (json.Length + 7) / 8 * 8; // data starts 8-byte aligned; padding is spaces, as the format allows
@@ -59,7 +70,7 @@ public static class Safetensors
                 fs.Write(len);
                 fs.Write(json);
                 for (var i = json.Length; i < padded; i++) fs.WriteByte((byte)' ');
-                foreach (var b in blobs) fs.Write(b);
+                for (var i = 0; i < names.Count; i++) WriteData(fs, tensors[names[i]], dtypes[i], sliceBytes);
                 fs.Flush(true);
             }
             File.Move(tmp, path, overwrite: true);
@@ -70,6 +81,35 @@ public static class Safetensors
             throw;
         }
     }
+
+    private static void WriteData(FileStream fs, Tensor t, ScalarType dtype, long sliceBytes)
+    {
+        using var scope = DisposeScope.Begin();
+        using var noGrad = Torch.NoGrad();
+        var rowBytes = t.Dim == 0 ? 0 : t.NumEl / Math.Max(1, t.Size(0)) * ElementSize(dtype);
+        if (t.Dim == 0 || t.NumEl * ElementSize(dtype) <= sliceBytes)
+        {
+            fs.Write((t.DType == dtype ? t : t.To(dtype)).ToBytes());
+            return;
+        }
+        var rows = Math.Max(1, sliceBytes / Math.Max(1, rowBytes));
+        for (long start = 0; start < t.Size(0); start += rows)
+        {
+            using var slice = DisposeScope.Begin();
+            var part = t.Narrow(0, start, Math.Min(rows, t.Size(0) - start));
+            fs.Write((part.DType == dtype ? part : part.To(dtype)).ToBytes());
+        }
+    }
+
+    /// <summary>Bytes per element of a dtype.</summary>
+    public static long ElementSize(ScalarType dtype) => dtype switch
+    {
+        ScalarType.Float64 or ScalarType.Int64 => 8,
+        ScalarType.Float32 or ScalarType.Int32 => 4,
+        ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Int16 => 2,
+        ScalarType.UInt8 or ScalarType.Int8 or ScalarType.Bool => 1,
+        _ => throw new ArgumentException($"no safetensors dtype for {dtype}"),
+    };
 
     public static Dictionary<string, Tensor> Load(string path, Device? device = null, ScalarType? dtype = null)
     {

@@ -77,7 +77,7 @@ public static class Checkpoint
             : throw new InvalidDataException($"checkpoint '{path}' lacks metadata '{key}'");
         if (Get("format") != Format || Get("format_version") != Version)
             throw new InvalidDataException($"checkpoint '{path}' is not a {Format} v{Version} file");
-        if (!JsonNode.DeepEquals(JsonNode.Parse(Get("method")), JsonSerializer.SerializeToNode(method.Spec, Json)))
+        if (!JsonNode.DeepEquals(WrittenMethod(Get("method")), JsonSerializer.SerializeToNode(method.Spec, Json)))
             throw new InvalidDataException($"checkpoint '{path}' was written for method {Get("method")}, not for this job's method");
         if (!JsonNode.DeepEquals(JsonNode.Parse(Get("hyperparameters")), JsonSerializer.SerializeToNode(hyper, Json)))
             throw new InvalidDataException($"checkpoint '{path}' was written with hyperparameters {Get("hyperparameters")}, not this job's");
@@ -98,6 +98,14 @@ public static class Checkpoint
         return new LoopState(long.Parse(Get("step"), inv),
             new DataPosition(int.Parse(Get("epoch"), inv), int.Parse(Get("index"), inv)),
             long.Parse(Get("tokens_seen"), inv), double.Parse(Get("loss_window_sum"), inv), long.Parse(Get("loss_window_steps"), inv));
+    }
+
+    /// <summary>The checkpoint's method with today's defaults filled in, so an option added since (a new field with a
+    /// default, such as LoRA's <c>init</c>) does not orphan the checkpoints of jobs running across an upgrade.</summary>
+    private static JsonNode? WrittenMethod(string json)
+    {
+        try { return JsonSerializer.SerializeToNode(JsonSerializer.Deserialize<MethodSpec>(json, Json), Json); }
+        catch (Exception e) when (e is JsonException or NotSupportedException) { return JsonNode.Parse(json); }
     }
 
     private static Dictionary<string, Tensor> Strip(Dictionary<string, Tensor> tensors, string prefix) =>

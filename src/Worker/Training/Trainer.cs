@@ -14,11 +14,12 @@ using FineTune.Domain.Tokenizers;
 namespace FineTune.Worker.Training;
 
 /// <summary>Everything one training run needs. <paramref name="ResumeFrom"/>: a checkpoint file written by an earlier
-/// attempt of the same job. <paramref name="DatasetSha256"/> is recorded in metadata.json and checked on resume.</summary>
+/// attempt of the same job. <paramref name="DatasetSha256"/> is recorded in metadata.json and checked on resume.
+/// <paramref name="Merge"/>: also write the merged full model (<see cref="MergedModel"/>) into the output folder.</summary>
 public sealed record TrainingSpec(string ModelDir, ITokenizer Tokenizer, IReadOnlyList<DatasetExample> Train,
     IReadOnlyList<DatasetExample>? Validation, MethodSpec Method, Hyperparameters Hyper, Device Device, ScalarType ComputeDType,
     string CheckpointDir, string? ResumeFrom, string OutputDir, int LogEvery = 10, int CheckpointEvery = 50,
-    string BaseModelName = "", string? DatasetSha256 = null)
+    string BaseModelName = "", string? DatasetSha256 = null, bool Merge = false)
 {
     public string? ValidationSha256 { get; init; }
     /// <summary>Where the base model came from (file:// or https:// folder) and its verified weights checksum.</summary>
@@ -126,7 +127,7 @@ public sealed class Trainer
         }
 
         ct.ThrowIfCancellationRequested();
-        var files = WriteOutput(spec, method, prepared, step, tokensSeen, lastLoss, lastValidation);
+        var files = WriteOutput(spec, model, method, prepared, step, tokensSeen, lastLoss, lastValidation);
         return new TrainingResult(step, lastLoss, lastValidation, tokensSeen, spec.OutputDir, files);
     }
 
@@ -267,11 +268,13 @@ public sealed class Trainer
                 throw new DatasetEncodingException(e.Line, $"token id {e.Ids.First(id => id < 0 || id >= vocabSize)} is outside the model's vocabulary ({vocabSize}); tokenizer and model do not match");
     }
 
-    private static IReadOnlyList<string> WriteOutput(TrainingSpec spec, IAdapterMethod method, DataPreparation data, long steps,
+    private static IReadOnlyList<string> WriteOutput(TrainingSpec spec, Llama model, IAdapterMethod method, DataPreparation data, long steps,
                                                      long tokensSeen, double finalLoss, double? finalValidation)
     {
         Directory.CreateDirectory(spec.OutputDir);
         var files = method.Save(spec.OutputDir, spec.BaseModelName).ToList();
+        JsonObject? merged = null;
+        if (spec.Merge) files.AddRange(MergedModel.Write(spec.OutputDir, model, method, spec.ModelDir, out merged));
         var json = Checkpoint.Json;
         var metadata = new JsonObject
         {
@@ -306,6 +309,7 @@ public sealed class Trainer
             },
             ["trainable_parameters"] = method.TrainableParameterCount,
             ["lora_export"] = method.ExportInfo?.DeepClone(),
+            ["merged"] = merged,
             ["final_loss"] = double.IsFinite(finalLoss) ? finalLoss : null,
             ["final_validation_loss"] = finalValidation is { } fv && double.IsFinite(fv) ? fv : null,
             ["created_utc"] = DateTime.UtcNow.ToString("O"),

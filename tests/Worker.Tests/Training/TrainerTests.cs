@@ -48,7 +48,7 @@ public sealed class TrainerTests
         new(TestData.TinyModelDir, new ByteTokenizer(), TestData.TextSet(), validation, method, hyper, TestData.Device, ScalarType.Float32,
             TestData.TempDir("ckpt"), resume, TestData.TempDir("out"), logEvery, checkpointEvery, "tiny-base", "abc123");
 
-    public static TheoryData<string> Methods => new() { "lora", "bone", "vblora", "xgblora" };
+    public static TheoryData<string> Methods => new() { "lora", "bone", "vblora", "xgblora", "pissa", "olora", "dora", "lora-plus" };
     public static TheoryData<string> MoreMethods => new() { "bone-mini", "bat-col", "bat-row", "sbora-fa", "sbora-fb" };
 
     private static MethodSpec TrainingMethod(string name) => name switch
@@ -64,6 +64,10 @@ public sealed class TrainerTests
         "sbora-fb" => new SboraMethod { Variant = "fb", R = 16, Alpha = 32, TargetModules = MethodSpec.AllModules },
         "vblora" => new VbLoraMethod { R = 4, NumVectors = 64, VectorLength = 16, TargetModules = MethodSpec.AllModules, LogitsLearningRate = 0.1, VectorBankLearningRate = 1e-2 },
         "xgblora" => new XgbLoraMethod { Rank = 1, LayersPerRound = 2, StepsPerRound = 10, Alpha = 4, TargetModules = MethodSpec.AllModules },
+        "pissa" => new LoraMethod { R = 8, Alpha = 16, Init = "pissa", TargetModules = MethodSpec.AllModules },
+        "olora" => new LoraMethod { R = 8, Alpha = 16, Init = "olora", TargetModules = MethodSpec.AllModules },
+        "dora" => new DoraMethod { R = 8, Alpha = 16, TargetModules = MethodSpec.AllModules },
+        "lora-plus" => new LoraMethod { R = 8, Alpha = 16, LoraPlusRatio = 4, TargetModules = MethodSpec.AllModules },
         _ => throw new ArgumentException(name),
     };
 
@@ -71,7 +75,9 @@ public sealed class TrainerTests
     public async Task Short_run_lowers_the_loss_and_writes_the_adapter_folder(string name)
     {
         var method = TrainingMethod(name);
-        var hyper = new Hyperparameters { BatchSize = 8, LearningRate = 1e-2, MaxSteps = 40, Scheduler = "constant", MaxSeqLength = 128 };
+        // LoRA+ at ratio 4: B keeps the others' 1e-2, A learns 4x slower.
+        var lr = method is LoraMethod { LoraPlusRatio: { } ratio } ? 1e-2 / ratio : 1e-2;
+        var hyper = new Hyperparameters { BatchSize = 8, LearningRate = lr, MaxSteps = 40, Scheduler = "constant", MaxSeqLength = 128 };
         var recorder = new Recorder();
         var spec = Spec(method, hyper, validation: TestData.TextSet(6), logEvery: 10);
         var result = await new Trainer().RunAsync(spec, recorder, TestContext.Current.CancellationToken);
@@ -89,7 +95,7 @@ public sealed class TrainerTests
 
         Assert.Contains("adapter_model.safetensors", result.Files);
         Assert.Contains("metadata.json", result.Files);
-        Assert.Equal(name != "lora", result.Files.Contains("lora/adapter_config.json"));
+        Assert.Contains("lora/adapter_config.json", result.Files);
         Assert.All(result.Files, f => Assert.True(File.Exists(Path.Combine(spec.OutputDir, f)), f));
         var meta = JsonNode.Parse(File.ReadAllText(Path.Combine(spec.OutputDir, "metadata.json")))!;
         Assert.Equal(method.Type, (string?)meta["method"]!["type"]);
@@ -120,10 +126,18 @@ public sealed class TrainerTests
         Assert.Equal(name.StartsWith("bat", StringComparison.Ordinal), !(bool)meta["lora_export"]!["exact"]!);
     }
 
-    [Fact]
-    public async Task Resuming_from_a_checkpoint_continues_exactly()
+    /// <summary>pissa: the resumed run recomputes the residual W − s·B₀A₀ from the base (A₀, B₀ are not in the
+    /// checkpoint) and must continue exactly, down to the rank-2r export that contains A₀ and B₀.</summary>
+    [Theory, InlineData("lora"), InlineData("pissa"), InlineData("dora")]
+    public async Task Resuming_from_a_checkpoint_continues_exactly(string name)
     {
-        var method = new LoraMethod { R = 4, Alpha = 8, Dropout = 0.1, TargetModules = ["q_proj", "v_proj", "down_proj"] };
+        string[] targets = ["q_proj", "v_proj", "down_proj"];
+        MethodSpec method = name switch
+        {
+            "pissa" => new LoraMethod { R = 4, Alpha = 8, Dropout = 0.1, Init = "pissa", LoraPlusRatio = 8, TargetModules = targets },
+            "dora" => new DoraMethod { R = 4, Alpha = 8, Dropout = 0.1, LoraPlusRatio = 8, TargetModules = targets },
+            _ => new LoraMethod { R = 4, Alpha = 8, Dropout = 0.1, TargetModules = targets },
+        };
         var hyper = new Hyperparameters
         {
             BatchSize = 3, GradientAccumulationSteps = 2, LearningRate = 5e-3, WarmupSteps = 2, Scheduler = "cosine",
@@ -153,10 +167,52 @@ public sealed class TrainerTests
             Assert.Equal(s.LearningRate, m.LearningRate, 12);
         }
         // The adapters end up the same.
-        var a = Safetensors.Load(Path.Combine(full.OutputDir, "adapter_model.safetensors"));
-        var b = Safetensors.Load(Path.Combine(second.OutputDir, "adapter_model.safetensors"));
-        Assert.Equal(a.Keys.Order(), b.Keys.Order());
-        Assert.All(a.Keys, k => Assert.True(TestData.MaxAbsDiff(a[k], b[k]) < 1e-6, k));
+        foreach (var file in new[] { "adapter_model.safetensors", "lora/adapter_model.safetensors" })
+        {
+            var a = Safetensors.Load(Path.Combine(full.OutputDir, file));
+            var b = Safetensors.Load(Path.Combine(second.OutputDir, file));
+            Assert.Equal(a.Keys.Order(), b.Keys.Order());
+            Assert.All(a.Keys, k => Assert.True(TestData.MaxAbsDiff(a[k], b[k]) < 1e-6, k));
+        }
+    }
+
+    [Theory, InlineData("pissa"), InlineData("dora")]
+    public async Task Merge_option_writes_a_hugging_face_model_equal_to_base_plus_adapter(string name)
+    {
+        var modelDir = TestData.TempDir("merge-base");
+        foreach (var f in Directory.EnumerateFiles(TestData.TinyModelDir)) File.Copy(f, Path.Combine(modelDir, Path.GetFileName(f)));
+        File.WriteAllText(Path.Combine(modelDir, "tokenizer.json"), "{\"model\": {}}");
+        File.WriteAllText(Path.Combine(modelDir, "tokenizer_config.json"), "{}");
+        File.WriteAllText(Path.Combine(modelDir, "README.md"), "not part of a model");
+        MethodSpec method = name == "pissa"
+            ? new LoraMethod { R = 4, Alpha = 8, Init = "pissa", TargetModules = ["q_proj", "o_proj", "up_proj"] }
+            : new DoraMethod { R = 4, Alpha = 8, TargetModules = ["q_proj", "o_proj", "up_proj"] };
+        var hyper = new Hyperparameters { BatchSize = 4, LearningRate = 1e-2, MaxSteps = 4, MaxSeqLength = 48 };
+        var spec = Spec(method, hyper) with { ModelDir = modelDir, Merge = true };
+        var result = await new Trainer().RunAsync(spec, new Recorder(), TestContext.Current.CancellationToken);
+
+        Assert.Contains("merged/model.safetensors", result.Files);
+        Assert.Contains("merged/config.json", result.Files);
+        Assert.Contains("merged/tokenizer.json", result.Files);
+        Assert.Contains("merged/tokenizer_config.json", result.Files);
+        Assert.DoesNotContain("merged/README.md", result.Files);
+        Assert.All(result.Files, f => Assert.True(File.Exists(Path.Combine(spec.OutputDir, f)), f));
+        var meta = JsonNode.Parse(File.ReadAllText(Path.Combine(spec.OutputDir, "metadata.json")))!;
+        Assert.Equal("merged", (string?)meta["merged"]!["dir"]);
+        // bytes counts the tensor data; the file adds its header.
+        Assert.InRange(new FileInfo(Path.Combine(spec.OutputDir, "merged", "model.safetensors")).Length - (long)meta["merged"]!["bytes"]!, 8, 1 << 16);
+        Assert.Equal(["F32"], meta["merged"]!["dtypes"]!.AsArray().Select(n => (string)n!));
+
+        using var scope = DisposeScope.Begin();
+        var ids = MethodTests.Input();
+        using var merged = FineTune.Worker.Training.Model.Llama.Load(Path.Combine(spec.OutputDir, "merged"), Device.Cpu, ScalarType.Float32);
+        using var model = FineTune.Worker.Training.Model.Llama.Load(modelDir, Device.Cpu, ScalarType.Float32);
+        using var adapter = FineTune.Worker.Training.Methods.AdapterMethods.Attach(method, model, seed: 1);
+        adapter.Load(spec.OutputDir);
+        var expected = model.Forward(ids);
+        Assert.True(TestData.MaxAbsDiff(merged.Forward(ids), expected) < 1e-5);
+        using var original = FineTune.Worker.Training.Model.Llama.Load(modelDir, Device.Cpu, ScalarType.Float32);
+        Assert.True(TestData.MaxAbsDiff(original.Forward(ids), expected) > 1e-4, "training changed nothing");
     }
 
     /// <summary>XGBLoRA's merged boosters live in the checkpoint's method state: a run resumed mid-round (step 2 of κ = 3)
@@ -219,6 +275,31 @@ public sealed class TrainerTests
         var e2 = await Assert.ThrowsAsync<InvalidDataException>(() => new Trainer().RunAsync(
             Spec(method with { R = 4 }, hyper, resume: path), new Recorder(), TestContext.Current.CancellationToken));
         Assert.Contains("method", e2.Message);
+    }
+
+    [Fact]
+    public void A_checkpoint_written_before_an_option_existed_still_restores()
+    {
+        var method = new LoraMethod { R = 4, TargetModules = ["q_proj"] };
+        var hyper = new Hyperparameters();
+        using var model = FineTune.Worker.Training.Model.Llama.Load(TestData.TinyModelDir, Device.Cpu, ScalarType.Float32);
+        using var adapter = FineTune.Worker.Training.Methods.AdapterMethods.Attach(method, model, 1);
+        using var adam = new FineTune.Worker.Torch.Optim.AdamW(adapter.ParamGroups(hyper));
+        var path = Checkpoint.Write(TestData.TempDir("old-ckpt"), new LoopState(3, new(0, 6), 100, 0, 0), adapter, adam, 42, hyper, 24);
+
+        // The method as a worker without LoRA's init and loraPlusRatio options wrote it.
+        var tensors = Safetensors.Load(path);
+        var meta = Safetensors.ReadMetadata(path).ToDictionary();
+        var old = JsonNode.Parse(meta["method"])!.AsObject();
+        Assert.True(old.Remove("init") && old.Remove("loraPlusRatio"));
+        meta["method"] = old.ToJsonString();
+        Safetensors.Save(path, tensors, meta);
+        Assert.Equal(3, Checkpoint.Restore(path, adapter, adam, hyper, 24).Step);
+
+        // A real difference is still refused.
+        using var model2 = FineTune.Worker.Training.Model.Llama.Load(TestData.TinyModelDir, Device.Cpu, ScalarType.Float32);
+        using var other = FineTune.Worker.Training.Methods.AdapterMethods.Attach(method with { Init = "gaussian" }, model2, 1);
+        Assert.Throws<InvalidDataException>(() => Checkpoint.Restore(path, other, adam, hyper, 24));
     }
 
     [Fact]

@@ -87,6 +87,7 @@ public static class AdapterMethods
     {
         [typeof(LoraMethod)] = s => new Lora.LoraAdapter((LoraMethod)s),
         [typeof(BoneMethod)] = s => new Bone.BoneAdapter((BoneMethod)s),
+        [typeof(DoraMethod)] = s => new Dora.DoraAdapter((DoraMethod)s),
         [typeof(BatMethod)] = s => new Bat.BatAdapter((BatMethod)s),
         [typeof(SboraMethod)] = s => new SBoRA.SboraAdapter((SboraMethod)s),
         [typeof(VbLoraMethod)] = s => new VBLoRA.VbLoraAdapter((VbLoraMethod)s),

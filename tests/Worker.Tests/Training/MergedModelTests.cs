@@ -1,0 +1,123 @@
+using FineTune.Domain.Methods;
+using FineTune.Worker.Torch;
+using FineTune.Worker.Training;
+using FineTune.Worker.Training.Methods;
+using FineTune.Worker.Training.Model;
+
+namespace FineTune.Worker.Tests.Training;
+
+public sealed class MergedModelTests
+{
+    /// <summary>A copy of the tiny model stored in bf16, as most real checkpoints are.</summary>
+    private static string Bf16Model()
+    {
+        var dir = TestData.TempDir("tiny-bf16");
+        File.Copy(Path.Combine(TestData.TinyModelDir, "config.json"), Path.Combine(dir, "config.json"));
+        var weights = Safetensors.Load(Path.Combine(TestData.TinyModelDir, "model.safetensors"));
+        Safetensors.Save(Path.Combine(dir, "model.safetensors"), weights, null, _ => ScalarType.BFloat16);
+        foreach (var t in weights.Values) t.Dispose();
+        return dir;
+    }
+
+    [Fact]
+    public void Merged_folder_keeps_the_base_dtype_and_leaves_the_model_unmerged()
+    {
+        var baseDir = Bf16Model();
+        var outDir = TestData.TempDir("merged-bf16");
+        using var model = Llama.Load(baseDir, Device.Cpu, ScalarType.Float32);
+        using var method = AdapterMethods.Attach(new DoraMethod { R = 4, Alpha = 8, TargetModules = ["q_proj", "down_proj"] }, model, 3);
+        TestData.Randomize(method, 9);
+        using var scope = DisposeScope.Begin();
+        var ids = MethodTests.Input();
+        var adapted = model.Forward(ids);
+
+        var files = MergedModel.Write(outDir, model, method, baseDir, out var info);
+        Assert.False(method.Merged);
+        Assert.True(TestData.MaxAbsDiff(model.Forward(ids), adapted) < 1e-5);   // unmerged again, up to rounding
+        Assert.Equal(["merged/model.safetensors", "merged/config.json"], files);
+        Assert.Equal(["BF16"], info["dtypes"]!.AsArray().Select(n => (string)n!));
+        using (var f = SafetensorsFile.Open(Path.Combine(outDir, "merged", "model.safetensors")))
+        {
+            Assert.All(f.Entries.Values, e => Assert.Equal("BF16", e.DType));
+            Assert.Equal(MergedModel.BaseDTypes(baseDir).Keys.Order(), f.Entries.Keys.Order());
+        }
+        // bf16 keeps ~3 significant digits: the merged model agrees with the adapter up to that rounding.
+        using var merged = Llama.Load(Path.Combine(outDir, "merged"), Device.Cpu, ScalarType.Float32);
+        var diff = TestData.MaxAbsDiff(merged.Forward(ids), adapted);
+        Assert.True(diff < 2e-2 * adapted.Abs().Max().ItemFloat(), $"merged bf16 model is off by {diff}");
+        using var plain = Llama.Load(baseDir, Device.Cpu, ScalarType.Float32);
+        Assert.True(TestData.MaxAbsDiff(plain.Forward(ids), adapted) > 10 * diff, "the adapter changed too little to tell");
+    }
+
+    [Fact]
+    public void Free_space_of_the_artifact_folder_is_known()
+    {
+        var dir = TestData.TempDir("free");
+        var free = MergedModel.FreeBytes(dir);
+        Assert.NotNull(free);
+        Assert.InRange(free!.Value, 1, new DriveInfo("/").TotalSize * 4);
+    }
+
+    [Fact]
+    public void Sliced_writes_produce_the_same_file()
+    {
+        using var gen = new Generator(2);
+        using var scope = DisposeScope.Begin();
+        var tensors = new Dictionary<string, Tensor>
+        {
+            ["big"] = Tensor.Randn([37, 5, 3], gen), ["vec"] = Tensor.Randn([11], gen), ["scalar"] = Tensor.Full([], 3.5),
+        };
+        var dir = TestData.TempDir("sliced");
+        Safetensors.Save(Path.Combine(dir, "whole.safetensors"), tensors, null, _ => ScalarType.BFloat16);
+        Safetensors.Save(Path.Combine(dir, "sliced.safetensors"), tensors, null, _ => ScalarType.BFloat16, sliceBytes: 64);
+        Assert.Equal(File.ReadAllBytes(Path.Combine(dir, "whole.safetensors")), File.ReadAllBytes(Path.Combine(dir, "sliced.safetensors")));
+        var back = Safetensors.Load(Path.Combine(dir, "sliced.safetensors"));
+        Assert.Equal(ScalarType.BFloat16, back["big"].DType);
+        Assert.True(TestData.MaxAbsDiff(back["big"].To(ScalarType.Float32), tensors["big"]) < 2e-2);
+    }
+}
+
+public sealed class ParityCasesTests
+{
+    /// <summary>The PEFT parity inputs are self-consistent: our own loaders reproduce each case's logits from its
+    /// native folder, its exact lora/ export and its merged/ model.</summary>
+    [Fact]
+    public void Parity_cases_reproduce_their_logits_from_every_folder()
+    {
+        var dir = TestData.TempDir("parity");
+        var manifest = ParityCases.Write(dir);
+        var modelDir = Path.Combine(dir, "model");
+        Assert.True(File.Exists(Path.Combine(modelDir, "tokenizer.json")));
+        using var scope = DisposeScope.Begin();
+        var ids = ParityCases.Ids();
+        Assert.Equal(ParityCases.Cases.Count, manifest["cases"]!.AsArray().Count);
+        foreach (var (name, spec) in ParityCases.Cases)
+        {
+            var caseDir = Path.Combine(dir, name);
+            var expected = Safetensors.Load(Path.Combine(caseDir, "expected.safetensors"))["logits"];
+            using (var model = Llama.Load(modelDir, Device.Cpu, ScalarType.Float32))
+            using (var method = AdapterMethods.Attach(spec, model, seed: 77))
+            {
+                method.Load(caseDir);
+                method.Train(false);
+                Assert.True(TestData.MaxAbsDiff(model.Forward(ids), expected) < 1e-5, $"{name}: native");
+            }
+            using (var merged = Llama.Load(Path.Combine(caseDir, "merged"), Device.Cpu, ScalarType.Float32))
+                Assert.True(TestData.MaxAbsDiff(merged.Forward(ids), expected) < 1e-5, $"{name}: merged");
+            var exact = spec is LoraMethod;
+            Assert.Equal(exact, (bool)manifest["cases"]!.AsArray().Single(c => (string?)c!["name"] == name)!["lora_export_exact"]!);
+            if (!exact) continue;
+            var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(caseDir, "lora", "adapter_config.json")))!;
+            var r = (int)config["r"]!;
+            using (var model = Llama.Load(modelDir, Device.Cpu, ScalarType.Float32))
+            using (var lora = AdapterMethods.Attach(new LoraMethod { R = r, Alpha = r, TargetModules = spec.TargetModules }, model, seed: 1))
+            {
+                lora.Load(Path.Combine(caseDir, "lora"));
+                Assert.True(TestData.MaxAbsDiff(model.Forward(ids), expected) < 1e-5, $"{name}: lora/");
+            }
+        }
+        var baseLogits = Safetensors.Load(Path.Combine(dir, "base.safetensors"))["logits"];
+        Assert.True(TestData.MaxAbsDiff(baseLogits, Safetensors.Load(Path.Combine(dir, "pissa", "expected.safetensors"))["logits"]) > 1e-3,
+            "the perturbed adapter must move the logits well beyond the tolerance");
+    }
+}
