@@ -205,7 +205,7 @@ public sealed class DatasetValidationTests(LimitedApiFactory api) : IClassFixtur
         ApiFactory.WriteTinyModel(dir);
         File.Delete(Path.Combine(dir, "tokenizer.json"));
         var (messages, _, _) = await Refused(Requests.LoraWith(o => o["model"] = "no-tokenizer"), "model");
-        Assert.Contains("the tokenizer of 'no-tokenizer' cannot be used: no tokenizer.json", messages[0]);
+        Assert.Contains("the tokenizer of 'no-tokenizer' cannot be used: no tokenizer in no-tokenizer: neither tokenizer.json", messages[0]);
         Assert.DoesNotContain(api.ModelsRoot, messages[0]);
     }
 }

@@ -35,14 +35,15 @@ public static class BaseModelsEndpoints
             .ProducesValidationProblem(StatusCodes.Status400BadRequest).ProducesValidationProblem(StatusCodes.Status422UnprocessableEntity)
             .ProducesProblem(StatusCodes.Status409Conflict)
             .WithName("RegisterBaseModel").WithSummary("Register a base model name")
+            .WithExamples(request: Examples.RegisterBaseModel, response: Examples.BaseModel)
             .WithDescription("Reads the model's config.json and tokenizer (an https:// model's small files are fetched into the model cache; "
                 + "its weights are fetched by the worker), records the shapes, and for a file:// model hashes the weights.");
-        admin.MapGet("/", ListAll).WithName("ListBaseModelsAdmin").WithSummary("Registered base models, with URIs and checksums");
-        admin.MapGet("/{name}", GetOne).WithName("GetBaseModel").WithSummary("One registered base model");
-        admin.MapDelete("/{name}", Delete).WithName("DeleteBaseModel").WithSummary("Remove a base model name")
+        admin.MapGet("/", ListAll).WithExamples(response: new[] { Examples.BaseModel }).WithName("ListBaseModelsAdmin").WithSummary("Registered base models, with URIs and checksums");
+        admin.MapGet("/{name}", GetOne).WithExamples(response: Examples.BaseModel).WithName("GetBaseModel").WithSummary("One registered base model");
+        admin.MapDelete("/{name}", Delete).WithExamples().WithName("DeleteBaseModel").WithSummary("Remove a base model name")
             .WithDescription("Jobs already submitted keep their model. Names seeded from the Models configuration are removed there.");
         app.MapGroup("/v1/base-models").WithTags("Base models").RequireReader()
-            .MapGet("/", ListNames).WithName("ListBaseModels").WithSummary("Base model names a job's model may use");
+            .MapGet("/", ListNames).WithExamples(response: new[] { Examples.BaseModelSummary }).WithName("ListBaseModels").WithSummary("Base model names a job's model may use");
         return app;
     }
 

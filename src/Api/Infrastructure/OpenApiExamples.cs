@@ -66,7 +66,7 @@ public static class Examples
 
     public static readonly JobDto Job = new(JobId, JobStatus.Queued, "llama-3.2-1b", "file:///data/datasets/support.jsonl", null,
         MethodSpec.Default("bone"), new Hyperparameters(), "support-bot", "gpu", "normal", new ProgressDto(0, 0), null, null, null,
-        false, 0, At, null, null, new QueueInfo(3, At.AddMinutes(25), FairQueue.WaitingForSlot));
+        false, 0, At, null, null, false, new QueueInfo(3, At.AddMinutes(25), FairQueue.WaitingForSlot));
 
     private static readonly List<AdapterFile> Files =
     [
@@ -91,6 +91,20 @@ public static class Examples
     public static readonly AliasDto Alias = new("support-bot", "production", 2, AdapterId, At, KeyId);
 
     public static readonly TaskDto Task = new("support-bot", 2, 2, new Dictionary<string, int> { ["production"] = 2, ["staging"] = 2 }, At);
+
+    private static readonly List<FineTune.Domain.Models.ModuleShape> LlamaModules =
+    [
+        new("q_proj", 2048, 2048), new("k_proj", 512, 2048), new("v_proj", 512, 2048), new("o_proj", 2048, 2048),
+        new("gate_proj", 8192, 2048), new("up_proj", 8192, 2048), new("down_proj", 2048, 8192),
+    ];
+
+    public static readonly FineTune.Api.BaseModels.RegisterBaseModelRequest RegisterBaseModel =
+        new("llama-3.2-1b", "file:///data/models/Llama-3.2-1B", "9c6f0d0b6e4f3c2a1b0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a39281706f5e4");
+
+    public static readonly BaseModelDto BaseModel = new("llama-3.2-1b", "file:///data/models/Llama-3.2-1B", RegisterBaseModel.Sha256,
+        "LlamaForCausalLM", "llama", 2048, 16, 128256, 8192, 32, 8, LlamaModules, 2_471_645_608, "api", At);
+
+    public static readonly BaseModelSummaryDto BaseModelSummary = new("llama-3.2-1b", "LlamaForCausalLM", 2048, 16, 128256, LlamaModules);
 
     public static readonly WebhookDto Webhook = new(WebhookId, "https://hooks.example.com/finetune",
         [WebhookEvents.JobSucceeded, WebhookEvents.AliasMoved], "deploy bot", true, At, At);

@@ -46,6 +46,7 @@ public sealed partial class IsolationTests(ApiFactory api) : IClassFixture<ApiFa
             "path" => "lora/adapter_model.safetensors",
             "deliveryId" => delivery.ToString(),
             "keyId" => Guid.NewGuid().ToString(),
+            "name" => "registered-model",
             _ => throw new Xunit.Sdk.XunitException($"IsolationTests does not know route parameter '{name}' of {prefix}: add a value for it"),
         };
         static string? Body(string? name) => name switch
