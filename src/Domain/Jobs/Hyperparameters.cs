@@ -27,8 +27,15 @@ public sealed record Hyperparameters
     public int? MaxSteps { get; init; }
     /// <summary>Clip the global gradient norm to this value (0 disables).</summary>
     [DefaultValue(1.0)] public double MaxGradNorm { get; init; } = 1.0;
+    /// <summary>Recompute each decoder layer in backward instead of keeping its activations: much less memory,
+    /// about a third more compute.</summary>
+    [DefaultValue(false)] public bool GradientCheckpointing { get; init; }
+    /// <summary>Precision of the trained adapter tensors and their optimizer state: fp32 (PEFT's default; the adapter
+    /// math runs in fp32 on a bf16 base) or bf16 (faster, less memory).</summary>
+    [DefaultValue("fp32")] public string AdapterDtype { get; init; } = "fp32";
 
     public static readonly string[] Schedulers = ["constant", "linear", "cosine"];
+    public static readonly string[] AdapterDtypes = ["fp32", "bf16"];
 
     /// <summary>Field-level errors, keyed by the JSON path of the field (e.g. "hyperparameters.batchSize").</summary>
     public IEnumerable<(string Field, string Error)> Validate(string prefix = "hyperparameters")
@@ -43,5 +50,6 @@ public sealed record Hyperparameters
         if (!Schedulers.Contains(Scheduler)) yield return ($"{prefix}.scheduler", $"must be one of: {string.Join(", ", Schedulers)}");
         if (MaxSteps is < 1 or > 10_000_000) yield return ($"{prefix}.maxSteps", "must be between 1 and 10000000");
         if (!(MaxGradNorm >= 0 && MaxGradNorm <= 1e6)) yield return ($"{prefix}.maxGradNorm", "must be between 0 and 1e6");
+        if (!AdapterDtypes.Contains(AdapterDtype)) yield return ($"{prefix}.adapterDtype", $"must be one of: {string.Join(", ", AdapterDtypes)}");
     }
 }

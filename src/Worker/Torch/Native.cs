@@ -128,4 +128,19 @@ internal static unsafe class Native
     [DllImport(Lib)] internal static extern int ft_sgd_step(IntPtr* ps, IntPtr* bufs, int n, double lr, double momentum, double weightDecay, int first);
     [DllImport(Lib)] internal static extern int ft_zero_grad(IntPtr* ps, int n);
     [DllImport(Lib)] internal static extern int ft_clip_grad_norm(IntPtr* ps, int n, double maxNorm, double* total);
+
+    // ---------------------------------------------------------------- gpu-perf: training-path performance
+    [DllImport(Lib)] internal static extern int ft_cuda_set_device(int index);
+    [DllImport(Lib)] internal static extern int ft_cuda_current_device();
+    [DllImport(Lib)] internal static extern int ft_manual_seed_device(long seed, int devtype, int devindex);
+    [DllImport(Lib)] internal static extern IntPtr ft_alias(IntPtr t);
+    [DllImport(Lib)] internal static extern int ft_set_data(IntPtr t, IntPtr data);
+    [DllImport(Lib)] internal static extern IntPtr ft_sum_dtype(IntPtr a, long* dims, int n, int keepdim, int dtype);
+    [DllImport(Lib)] internal static extern IntPtr ft_from_data_async(void* data, long nbytes, long* shape, int ndim, int dtype, int devtype, int devindex);
+    [DllImport(Lib)] internal static extern IntPtr ft_sdpa_gqa(IntPtr q, IntPtr k, IntPtr v, IntPtr mask, int isCausal, double dropoutP);
+    [DllImport(Lib)] internal static extern IntPtr ft_linear_cross_entropy(IntPtr hidden, IntPtr weight, IntPtr targets, long ignoreIndex, long chunk);
+    [DllImport(Lib)] internal static extern void ft_set_checkpoint_callback(delegate* unmanaged<long, IntPtr*, int, IntPtr*, int, int> callback);
+    [DllImport(Lib)] internal static extern void ft_set_error(byte* message);
+    [DllImport(Lib)] internal static extern int ft_checkpoint(long fn, IntPtr* inputs, int n, IntPtr* outputs, int cap);
+    // ---------------------------------------------------------------- end gpu-perf
 }
