@@ -53,6 +53,8 @@ public static class BenchCommand
           --tokens FILE              token ids (int32 little-endian) instead of the built-in generator
           --peak-tflops X            the matmul peak for MFU (default: measured here)
           --init-dir DIR             write each configuration's initial adapter tensors (PEFT names) and learning rates
+          --profile A,B --profile-dir DIR   one extra step of these configurations under libtorch's kernel profiler
+                                     (Chrome traces; needs libfinetune_torch_profiler.so in FINETUNE_TORCH_PROFILER)
         """;
 
     public static Task<int> RunAsync(string[] args)
@@ -311,6 +313,14 @@ public static class BenchCommand
             if (device.Kind == DeviceKind.Cuda) Cuda.Synchronize(device.Index);
             timer.Stop();
             var values = losses.Select(l => Round(l.ItemDouble(), 5)).ToArray();
+            string? trace = null;
+            if (o.Profile.Contains(c.Label) && o.ProfileDir is { } profileDir && !o.PastDeadline)
+            {
+                var sink = DisposeScope.Keep(Tensor.Zeros([], ScalarType.Float32, device));
+                losses.Add(sink);
+                trace = ProfileStep(Path.Combine(profileDir, $"{c.FileName}-ours.trace.json"),
+                    () => Trainer.Step(model, method, [batches[0]], hyper, batches.Length, parameters, optimizer, sink), device);
+            }
             var tokensPerStep = (double)o.Batch * o.Seq;
             var seconds = timer.Elapsed.TotalSeconds;
             var tps = timedSteps > 0 && seconds > 0 ? timedSteps * tokensPerStep / seconds : double.NaN;
@@ -331,6 +341,7 @@ public static class BenchCommand
                 ["flops_per_token"] = flopsPerToken,
                 ["mfu"] = Round(flopsPerToken * tps / peakFlops, 4),
                 ["wall_seconds"] = Round(wall.Elapsed.TotalSeconds, 1),
+                ["profile_trace"] = trace,
                 ["losses"] = new JsonArray(values.Select(v => (JsonNode?)JsonValue.Create(v)).ToArray()),
             };
         }
@@ -338,6 +349,22 @@ public static class BenchCommand
         {
             foreach (var l in losses) l.Dispose();
         }
+    }
+
+    /// <summary>One step under the kernel profiler; returns the trace's path or the reason there is none.</summary>
+    private static string ProfileStep(string path, Action step, Device device)
+    {
+        if (!KernelProfiler.Available(out var why)) return $"no profile: {why}";
+        Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
+        if (device.Kind == DeviceKind.Cuda) Cuda.Synchronize(device.Index);
+        KernelProfiler.Start();
+        try
+        {
+            step();
+            if (device.Kind == DeviceKind.Cuda) Cuda.Synchronize(device.Index);
+        }
+        finally { KernelProfiler.Stop(path); }
+        return path;
     }
 
     /// <summary>The configuration's initial adapter tensors (PEFT names, as in adapter_model.safetensors) and each
@@ -503,6 +530,8 @@ public sealed class BenchOptions
     public string? TokensPath { get; private set; }
     public double? PeakTflops { get; private set; }
     public string? InitDir { get; private set; }
+    public HashSet<string> Profile { get; private set; } = [];
+    public string? ProfileDir { get; private set; }
     private DateTime? _deadline;
 
     public bool PastDeadline => _deadline is { } d && DateTime.UtcNow > d;
@@ -548,6 +577,8 @@ public sealed class BenchOptions
                 case "--tokens": o.TokensPath = v; break;
                 case "--peak-tflops": o.PeakTflops = Num(key, v, 1e-6, 1e6); break;
                 case "--init-dir": o.InitDir = v; break;
+                case "--profile": o.Profile = v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet(); break;
+                case "--profile-dir": o.ProfileDir = v; break;
                 default: throw new BenchUsageException($"unknown option {key}");
             }
         }
@@ -667,4 +698,41 @@ public static class BenchData
         foreach (var t in tokens.AsSpan(0, Math.Min(tokens.Length, 1 << 20))) h = (h ^ (uint)t) * 1099511628211UL;
         return $"{tokens.Length}:{h:x16}";
     }
+}
+
+/// <summary>
+/// libfinetune_torch_profiler.so (native/profiler.cpp, built on demand on a CUDA host): libtorch's Kineto profiler
+/// around a region, written as a Chrome trace. Loaded from FINETUNE_TORCH_PROFILER; absent, profiling is skipped.
+/// </summary>
+internal static unsafe class KernelProfiler
+{
+    private static readonly Lazy<(IntPtr Start, IntPtr Stop, IntPtr Error, string? Why)> Lib = new(() =>
+    {
+        var path = Environment.GetEnvironmentVariable("FINETUNE_TORCH_PROFILER");
+        if (string.IsNullOrEmpty(path) || !File.Exists(path)) return (0, 0, 0, "FINETUNE_TORCH_PROFILER names no file");
+        Native.EnsureLoaded();
+        if (!NativeLibrary.TryLoad(path, out var h)) return (0, 0, 0, $"cannot load {path}");
+        return (NativeLibrary.GetExport(h, "ft_profiler_start"), NativeLibrary.GetExport(h, "ft_profiler_stop"),
+                NativeLibrary.GetExport(h, "ft_profiler_error"), null);
+    });
+
+    public static bool Available(out string why)
+    {
+        why = Lib.Value.Why ?? "";
+        return Lib.Value.Why is null;
+    }
+
+    public static void Start()
+    {
+        if (((delegate* unmanaged<int>)Lib.Value.Start)() != 0) throw new TorchException("profiler: " + Error());
+    }
+
+    public static void Stop(string path)
+    {
+        var bytes = Encoding.UTF8.GetBytes(path + "\0");
+        fixed (byte* p = bytes)
+            if (((delegate* unmanaged<byte*, int>)Lib.Value.Stop)(p) != 0) throw new TorchException("profiler: " + Error());
+    }
+
+    private static string Error() => Marshal.PtrToStringUTF8(((delegate* unmanaged<IntPtr>)Lib.Value.Error)()) ?? "?";
 }

@@ -142,5 +142,6 @@ internal static unsafe class Native
     [DllImport(Lib)] internal static extern void ft_set_checkpoint_callback(delegate* unmanaged<long, IntPtr*, int, IntPtr*, int, int> callback);
     [DllImport(Lib)] internal static extern void ft_set_error(byte* message);
     [DllImport(Lib)] internal static extern int ft_checkpoint(long fn, IntPtr* inputs, int n, IntPtr* outputs, int cap);
+    [DllImport(Lib)] internal static extern int ft_clip_grad_norm_async(IntPtr* ps, int n, double maxNorm);
     // ---------------------------------------------------------------- end gpu-perf
 }

@@ -196,24 +196,11 @@ public sealed class Trainer
 
     /// <summary>
     /// Scales gradients so their global L2 norm is at most <paramref name="maxNorm"/>, entirely on the device
-    /// (torch's clip_grad_norm_ math: coef = min(1, maxNorm / (norm + 1e-6))). The binding's GradClip returns the norm
-    /// as a double, which would force a host sync every step.
+    /// (torch's clip_grad_norm_ math: coef = min(1, maxNorm / (norm + 1e-6)), multi-tensor norms, a handful of kernels
+    /// for all adapter tensors). The binding's GradClip.ClipGradNorm returns the norm as a double, which would force a
+    /// host sync every step.
     /// </summary>
-    public static void ClipGradNorm(IReadOnlyList<Tensor> parameters, double maxNorm)
-    {
-        using var scope = DisposeScope.Begin();
-        using var noGrad = Torch.Torch.NoGrad();
-        var grads = parameters.Select(p => p.Grad).OfType<Tensor>().ToList();
-        if (grads.Count == 0) return;
-        Tensor? total = null;
-        foreach (var g in grads)
-        {
-            var sq = g.To(ScalarType.Float32).Square().Sum();
-            total = total is null ? sq : total + sq;
-        }
-        var coef = (maxNorm / (total!.Sqrt() + 1e-6)).Clamp(null, 1.0);
-        foreach (var g in grads) g.Copy_(g * coef.To(g.DType));
-    }
+    public static void ClipGradNorm(IReadOnlyList<Tensor> parameters, double maxNorm) => GradClip.ClipGradNormAsync(parameters, maxNorm);
 
     /// <summary>Mean next-token loss over the validation examples (fixed order, dropout off).</summary>
     public static double ValidationLoss(Llama model, IAdapterMethod method, IReadOnlyList<EncodedExample> examples, int batchSize, int padId)

@@ -800,32 +800,33 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
     return {dh, dw, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
-  // The summed loss (fp32 scalar); when gh / gw are defined, fills them with d(sum)/d(hidden) and accumulates
-  // d(sum)/d(weight).
+  // The summed loss (fp32 scalar; fp64 for fp64 inputs); when gh / gw are defined, fills them with d(sum)/d(hidden)
+  // and accumulates d(sum)/d(weight). Per chunk the (rows × vocab) work is: the logits in the input dtype, one fp32
+  // log-softmax (as cross_entropy computes it), and for the gradient its exp in place, minus one at the targets, cast
+  // to the input dtype; rows of ignored targets are zeroed on the (rows × hidden) side, not the (rows × vocab) one.
   static at::Tensor chunked(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                             int64_t ignore_index, int64_t chunk, at::Tensor* gh, at::Tensor* gw) {
     at::NoGradGuard no_grad;
     int64_t n = hidden.size(0);
-    auto total = at::zeros({}, hidden.options().dtype(at::kFloat));
+    auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    auto total = at::zeros({}, hidden.options().dtype(acc));
+    bool grad = (gh && gh->defined()) || (gw && gw->defined());
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t len = std::min(chunk, n - s);
       auto h = hidden.narrow(0, s, len);
       auto t = targets.narrow(0, s, len);
-      auto logits = at::matmul(h, weight.t()).to(at::kFloat);  // (len, V); no copy when already fp32
-      auto lse = at::logsumexp(logits, {-1});
+      auto logp = at::log_softmax(at::matmul(h, weight.t()).to(acc), -1);  // (len, V)
       auto valid = t.ne(ignore_index);
       auto idx = at::where(valid, t, at::zeros({}, t.options())).unsqueeze(1);
-      auto picked = logits.gather(1, idx).squeeze(1);
-      auto validf = valid.to(at::kFloat);
-      total.add_(((lse - picked) * validf).sum());
-      if ((gh && gh->defined()) || (gw && gw->defined())) {
-        auto p = logits.sub_(lse.unsqueeze(1)).exp_();        // softmax, in place of the logits
-        p.scatter_add_(1, idx, at::full({len, 1}, -1.0, p.options()));
-        p.mul_(validf.unsqueeze(1));
-        auto pc = p.to(hidden.scalar_type());
-        if (gh && gh->defined()) gh->narrow(0, s, len).copy_(at::matmul(pc, weight));
-        if (gw && gw->defined()) gw->add_(at::matmul(pc.t(), h).to(at::kFloat));
-      }
+      auto mask = valid.to(acc);
+      total.sub_((logp.gather(1, idx).squeeze(1) * mask).sum());
+      if (!grad) continue;
+      auto p = logp.exp_();  // softmax, in place
+      p.scatter_add_(1, idx, at::full({len, 1}, -1.0, p.options()));
+      auto pc = p.to(hidden.scalar_type());
+      auto rows = mask.unsqueeze(1).to(hidden.scalar_type());
+      if (gh && gh->defined()) gh->narrow(0, s, len).copy_(at::matmul(pc, weight).mul_(rows));
+      if (gw && gw->defined()) gw->add_(at::matmul(pc.t(), h * rows).to(at::kFloat));
     }
     return total;
   }
@@ -965,6 +966,30 @@ FT_API T ft_linear_cross_entropy(T hidden, T weight, T targets, int64_t ignore_i
     bool grad = at::GradMode::is_enabled() && (hidden->requires_grad() || weight->requires_grad());
     if (!grad) return wrap(LinearCrossEntropy::chunked(*hidden, *weight, *targets, ignore_index, chunk, nullptr, nullptr));
     return wrap(LinearCrossEntropy::apply(*hidden, *weight, *targets, ignore_index, chunk));
+  })
+}
+
+// Global-norm clipping that stays on the device (no host read of the norm, unlike ft_clip_grad_norm): multi-tensor
+// norms, coef = min(1, max_norm / (norm + 1e-6)), grads scaled in place (torch.nn.utils.clip_grad_norm_'s math).
+FT_API int ft_clip_grad_norm_async(T* params, int n, double max_norm) {
+  FT_TRY(-1, {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> grads;
+    for (int i = 0; i < n; ++i) {
+      const auto& g = params[i]->grad();
+      if (g.defined()) grads.push_back(g);
+    }
+    if (grads.empty()) return 0;
+    auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    std::vector<at::Tensor> norms;
+    for (auto& x : at::_foreach_norm(grads, 2)) norms.push_back(x.to(acc));
+    auto coef = (max_norm / (at::stack(norms).norm(2) + 1e-6)).clamp_max(1.0);
+#if FT_AT_LEAST(2, 1)
+    at::_foreach_mul_(grads, coef);
+#else
+    for (auto& g : grads) g.mul_(coef);
+#endif
+    return 0;
   })
 }
 
