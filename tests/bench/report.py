@@ -99,18 +99,29 @@ def build(args):
 
     if o_rows or p_rows:
         t = o_train or p_train
-        out += ["### Training throughput: ours vs PyTorch + PEFT", "",
+        out += ["### Training throughput: ours vs PyTorch + PEFT" if p_rows else "### Training throughput (ours)", "",
                 f"Model {os.path.basename(str(t.get('model', '?')))} ({fmt(t.get('base_matmul_params'))} matmul parameters), {str(t.get('dtype', 'BFloat16')).lower()} base, "
                 f"batch {t.get('batch')} x {t.get('seq')} tokens, {t.get('warmup')} warm-up + {t.get('steps')} timed steps, "
-                f"AdamW (fused) lr {t.get('lr')}, clip 1.0, all 7 linears. MFU = (4·N + 6·N_trainable) · tokens/s over the measured "
-                f"bf16 matmul peak ({fmt(t.get('peak_tflops'), '{:.0f}')} TFLOP/s). Loss agreement: max relative difference of the "
-                f"per-step losses (same tokens, same initial adapter values where our init was loaded).", ""]
+                f"AdamW (fused on CUDA) lr {t.get('lr')}, clip 1.0, all 7 linears. MFU = (4·N + 6·N_trainable) · tokens/s over "
+                f"{fmt(t.get('peak_tflops'), '{:.3g}')} TFLOP/s ({t.get('peak_kind', 'the measured bf16 matmul peak')})."
+                + (" Loss agreement: max relative difference of the per-step losses (same tokens, same initial adapter values "
+                   "where our init was loaded)." if p_rows else ""), ""]
         check_o, check_p = o_train.get("data_check"), p_train.get("data_check")
         if check_o and check_p and check_o != check_p:
             out += [f"**Token streams differ** (ours {check_o}, PEFT {check_p}): the loss columns do not compare.", ""]
-        out += ["| config | ours tok/s | PEFT tok/s | ours/PEFT | ours peak GB | PEFT peak GB | ours MFU | PEFT MFU | loss agreement | trainable (ours / PEFT) | notes |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for cfg in list(o_rows) + [c for c in p_rows if c not in o_rows]:
+        if not p_rows:
+            out += ["| config | tokens/s | step ms | peak GB | MFU | trainable | first loss | last loss | notes |",
+                    "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+            for cfg, o in o_rows.items():
+                losses = o.get("losses") or []
+                out.append(f"| {cfg} | {fmt(o.get('tokens_per_s'))} | {fmt(o.get('step_ms'), '{:.1f}')} | {fmt(o.get('peak_mem_gb'), '{:.1f}')} "
+                           f"| {pct(o.get('mfu'))} | {fmt(o.get('trainable_params'))} | {fmt(losses[0] if losses else None, '{:.4f}')} "
+                           f"| {fmt(losses[-1] if losses else None, '{:.4f}')} | {o.get('status')}{': ' + o['note'] if o.get('note') else ''} |")
+            out.append("")
+        rows_table = ["| config | ours tok/s | PEFT tok/s | ours/PEFT | ours peak GB | PEFT peak GB | ours MFU | PEFT MFU | loss agreement | trainable (ours / PEFT) | notes |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        out += rows_table if p_rows else []
+        for cfg in (list(o_rows) + [c for c in p_rows if c not in o_rows]) if p_rows else []:
             o, p = o_rows.get(cfg, {}), p_rows.get(cfg, {})
             agree, n = loss_agreement(o.get("losses"), p.get("losses"))
             notes = "; ".join(x for x in [
@@ -119,8 +130,9 @@ def build(args):
             out.append(f"| {cfg} | {fmt(o.get('tokens_per_s'))} | {fmt(p.get('tokens_per_s'))} | {ratio(o.get('tokens_per_s'), p.get('tokens_per_s'))} "
                        f"| {fmt(o.get('peak_mem_gb'), '{:.1f}')} | {fmt(p.get('peak_mem_gb'), '{:.1f}')} | {pct(o.get('mfu'))} | {pct(p.get('mfu'))} "
                        f"| {pct(agree) + f' over {n} steps' if agree is not None else '-'} | {fmt(o.get('trainable_params'))} / {fmt(p.get('trainable_params'))} | {notes} |")
-        out.append("")
-        out += targets(o_rows, p_rows)
+        if p_rows:
+            out.append("")
+            out += targets(o_rows, p_rows)
 
     if args.traces and os.path.isdir(args.traces):
         out += profiles(args.traces)

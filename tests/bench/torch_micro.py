@@ -32,7 +32,7 @@ def op_overhead(device, ops):
     a = torch.ones(4, device=device)
     b = torch.ones(4, device=device)
     m = torch.ones(4, 4, device=device)
-    cases = {"add": lambda: a + b, "mul_scalar": lambda: a * 2.0, "view": lambda: m.view(16),
+    cases = {"alias": lambda: a.detach(), "add": lambda: a + b, "mul_scalar": lambda: a * 2.0, "view": lambda: m.view(16),
              "matmul_4x4": lambda: m @ m, "sum": lambda: a.sum()}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = {}
