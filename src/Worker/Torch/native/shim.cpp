@@ -606,7 +606,10 @@ FT_API int ft_adamw_step(T* params, T* exp_avg, T* exp_avg_sq, int n, double lr,
     if (p.empty()) return 0;
 #if FT_AT_LEAST(2, 1)
     bool all_cuda = true;
-    for (const auto& t : p) all_cuda = all_cuda && t.is_cuda() && at::isFloatingType(t.scalar_type());
+    // The fused kernel dispatches on the first tensor's dtype and device: mixed lists take the foreach path.
+    for (const auto& t : p)
+      all_cuda = all_cuda && t.is_cuda() && at::isFloatingType(t.scalar_type()) && t.scalar_type() == p[0].scalar_type() &&
+                 t.device() == p[0].device();
     if (all_cuda) {
       // The fused kernel reads the (already incremented) step from a float tensor per parameter and never writes
       // it, so one device tensor serves every parameter: one fill per step instead of one per parameter.
