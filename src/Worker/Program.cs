@@ -3,12 +3,12 @@ using Microsoft.Extensions.Hosting;
 using FineTune.Worker.Training.Model;
 using FineTune.Domain.Tokenizers;
 
+// FineTune.Worker bench micro|train|all …: benchmarks of the binding and the training step (Tools/BenchCommand.cs).
+if (args is ["bench", ..]) return await FineTune.Worker.Tools.BenchCommand.RunAsync(args[1..]);
+
 // Besides running a worker node, the binary makes the demo's inputs (no download needed):
 //   FineTune.Worker make-tiny-model <dir>     a tiny random Llama-style model folder with its byte-level tokenizer
 //   FineTune.Worker make-sample-data <file>   a small prompt/completion JSONL dataset
-//   FineTune.Worker bench micro|train|all ...  benchmarks of the binding and the training step (Tools/BenchCommand.cs)
-if (args is ["bench", ..]) return await FineTune.Worker.Tools.BenchCommand.RunAsync(args[1..]);
-
 switch (args)
 {
     case ["make-tiny-model", var dir]:
@@ -21,7 +21,7 @@ switch (args)
         Console.WriteLine($"sample dataset written to {Path.GetFullPath(file)}");
         return 0;
     case [var verb, ..] when !verb.StartsWith('-'):
-        Console.Error.WriteLine($"unknown command '{verb}'. Commands: make-tiny-model <dir>, make-sample-data <file>, bench; no command runs the worker node.");
+        Console.Error.WriteLine($"unknown command '{verb}'. Commands: make-tiny-model <dir>, make-sample-data <file>; no command runs the worker node.");
         return 2;
 }
 

@@ -221,7 +221,7 @@ public sealed class PerformanceTests
     public void Set_adapter_precision_changes_the_tensors_in_place_and_rejects_unknown_names()
     {
         using var model = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.Float32);
-        using var method = AdapterMethods.Attach(new BoneMethod { R = 16, TargetModules = ["q_proj", "down_proj"] }, model, seed: 1);
+        using var method = AdapterMethods.Attach(new LoraMethod { R = 4, Alpha = 8, TargetModules = ["q_proj", "down_proj"] }, model, seed: 1);
         var before = method.TrainableTensors.Select(t => t.Tensor).ToList();
         Trainer.SetAdapterPrecision(method, "bf16");
         Assert.All(method.TrainableTensors, t => Assert.Equal(ScalarType.BFloat16, t.Tensor.DType));

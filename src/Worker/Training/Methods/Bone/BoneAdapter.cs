@@ -29,13 +29,12 @@ public sealed class BoneLayer : IAdapterLayer
     public Tensor Forward(Tensor x, Tensor baseOutput)
     {
         if (Merged) return baseOutput;
-        // The chunk sum accumulates in D's dtype straight from x (no copy of x in that dtype is made or kept).
-        var h = x;
+        var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
         var inFeatures = h.Size(-1);
         var pad = (R - inFeatures % R) % R;
         if (pad > 0) h = h.Pad([0, pad]);
         long[] chunked = [.. h.Shape[..^1], (inFeatures + pad) / R, R];
-        var y = baseOutput + h.Reshape(chunked).Sum([-2], false, D.DType).MatMul(D);
+        var y = baseOutput + h.Reshape(chunked).Sum([-2]).MatMul(D);
         return y.DType == baseOutput.DType ? y : y.To(baseOutput.DType);
     }
 
