@@ -18,8 +18,17 @@ out="$RUN_DIR/bench"; mkdir -p "$out"
 cmd=(dotnet src/Worker/bin/Release/net10.0/FineTune.Worker.dll bench all --device cpu --warmup 2 --steps 5 "${args[@]}")
 log "running: ${cmd[*]}"
 "${cmd[@]}" --json "$out/cpu.json" --md "$out/cpu-ours.md"
+# PyTorch's own numbers on the same CPU, when a python3 with torch is at hand (e.g. Debian's python3-torch).
+rm -f "$out/cpu-torch.json"
+for py in python3 /usr/bin/python3; do
+  if "$py" -c 'import torch' 2>/dev/null; then
+    log "PyTorch's micro-benchmarks with $py"
+    "$py" tests/bench/torch_micro.py --json "$out/cpu-torch.json" >/dev/null
+    break
+  fi
+done
 python3 tests/bench/report.py build --title "CPU ($(date -u +%Y-%m-%d))" --ours "$out/cpu.json" --micro-ours "$out/cpu.json" \
-  --md "$out/cpu.md" >/dev/null
+  --micro-torch "$out/cpu-torch.json" --md "$out/cpu.md" >/dev/null
 if [ "$doc" = 1 ]; then
   {
     echo "- machine: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB;" \

@@ -96,8 +96,14 @@ def load_base(folder):
     with open(os.path.join(folder, "config.json")) as f:
         c = json.load(f)
     kw = {k: v for k, v in c.items() if k not in ("architectures", "model_type", "torch_dtype")}
-    config = LlamaConfig(**kw)
-    config._attn_implementation = "sdpa"
+    try:
+        config = LlamaConfig(**kw, attn_implementation="sdpa")
+    except TypeError:
+        config = LlamaConfig(**kw)
+    try:
+        config._attn_implementation = "sdpa"
+    except Exception:  # noqa: BLE001 - a version without the setter already took it from the constructor
+        pass
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -110,7 +116,8 @@ def load_base(folder):
     bad = [k for k in missing if k != "lm_head.weight"]
     if bad or unexpected:
         raise RuntimeError(f"weights do not match the model: missing {bad[:5]}, unexpected {list(unexpected)[:5]}")
-    model.tie_weights()
+    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+        model.lm_head.weight = model.model.embed_tokens.weight   # tied embeddings, as in our model
     del state
     # Rotary frequencies must be the default θ = 10000 that our side uses.
     inv = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)
@@ -218,6 +225,7 @@ def run_config(folder, cfg, args, ids_all, peak_flops, deadline):
     t0 = time.time()
     model, c, rope_ok = load_base(folder)
     row["rope_default_theta"] = rope_ok
+    row["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     if cfg["gc"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -155,6 +155,13 @@ if ok:
         (grad_ours - hid.grad.cpu().float()).norm() <= 2e-2 * hid.grad.cpu().float().norm()
 check(ok, "fused linear + cross-entropy (bf16, chunked) matches cross_entropy of fp32 logits, loss and grad")
 
+rms = sig("ft_rms_norm", P, P, P, D)
+xr = torch.randn(4, 64, 2048, device="cuda", dtype=torch.bfloat16)
+wr = (1 + 0.1 * torch.randn(2048, device="cuda")).bfloat16()
+ref_r = wr * (xr.float() * torch.rsqrt(xr.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()   # HF's LlamaRMSNorm
+hr = rms(put(xr), put(wr), 1e-5)
+check(bool(hr) and torch.allclose(get(hr, ref_r.cpu()).float(), ref_r.cpu().float(), atol=2e-2, rtol=2e-2), "rms_norm (bf16) matches HF's LlamaRMSNorm to bf16 rounding")
+
 data = torch.arange(12, dtype=torch.int64)
 shape = (L * 2)(3, 4)
 ha = from_async(data.data_ptr(), 96, shape, 2, DT[torch.int64], 1, 0)

@@ -558,6 +558,11 @@ FT_API T ft_sdpa(T q, T k, T v, T mask, int is_causal, double dropout_p) {
 FT_API T ft_rms_norm(T x, T w, double eps) {
   FT_TRY(nullptr, {
     const at::Tensor& X = *x;
+#if FT_AT_LEAST(2, 8)
+    // gpu-perf: libtorch's own RMSNorm, one fused CUDA kernel each way that keeps only x and 1/rms for backward
+    // (the composed form below keeps several fp32 copies of x). It applies the weight in fp32 before the one rounding.
+    if (X.is_cuda() && w->scalar_type() == X.scalar_type()) return wrap(at::rms_norm(X, {X.size(-1)}, *w, eps));
+#endif
     auto compute = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     auto h = X.to(compute);
     h = h * at::rsqrt(h.pow(2).mean(-1, true) + eps);
