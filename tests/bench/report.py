@@ -71,6 +71,8 @@ def build(args):
     date = (peft or {}).get("date_utc") or (ours or {}).get("date_utc") or "?"
 
     out = [f"## {args.title}", ""]
+    if not versions and micro_torch and micro_torch.get("torch"):
+        versions = {"PyTorch (micro-benchmarks)": micro_torch["torch"]}
     out.append(f"- date (UTC): {date}; device: {device}; libtorch (ours): {(ours or {}).get('libtorch', '?')}; "
                + ", ".join(f"{k} {v}" for k, v in versions.items()))
     if ours and ours.get("command"):
