@@ -4,7 +4,8 @@ a section of docs/benchmarks.md. Plain Python (no torch), so it runs on either m
 
   report.py build --ours train-ours.json --peft train-peft.json --micro-ours micro-ours.json --micro-torch micro-torch.json \
                   [--tests tests.summary] [--status status.tsv] [--title ...] --md benchmarks.md --json results.json
-  report.py splice docs/benchmarks.md gpu benchmarks.md    # replaces the text between <!-- gpu:begin --> and <!-- gpu:end -->
+  report.py splice docs/benchmarks.md gpu run1/benchmarks.md [run2/benchmarks.md]   # replaces the text between
+                                                   # <!-- gpu:begin --> and <!-- gpu:end --> with the reports, in order
 """
 import argparse
 import json
@@ -263,11 +264,14 @@ def targets(o, p):
     return lines + [""]
 
 
-def splice(doc, section, path):
+def splice(doc, section, paths):
     with open(doc) as f:
         text = f.read()
-    with open(path) as f:
-        body = f.read().strip()
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(f.read().strip())
+    body = "\n\n".join(parts)
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     if begin not in text or end not in text:
         sys.exit(f"{doc} has no {begin} ... {end} markers")
@@ -287,12 +291,12 @@ def main():
     s = sub.add_parser("splice")
     s.add_argument("doc")
     s.add_argument("section")
-    s.add_argument("path")
+    s.add_argument("paths", nargs="+", help="one or more reports (e.g. of two suite runs), in order")
     args = ap.parse_args()
     if args.cmd == "build":
         build(args)
     else:
-        splice(args.doc, args.section, args.path)
+        splice(args.doc, args.section, args.paths)
 
 
 if __name__ == "__main__":
