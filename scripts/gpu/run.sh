@@ -15,8 +15,15 @@ if [ ! -f "$work/native/libfinetune_torch.so" ]; then
     -DTorch_DIR="$torch_prefix/Torch" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$work/native" >&2
   cmake --build "$work/cmake" -j "$(nproc)" >&2
 fi
+pack="${FINETUNE_GPU_PACK:-$REPO_ROOT/.device}"
 if [ ! -x "$work/dotnet/dotnet" ]; then
-  mkdir -p "$work/dotnet" && tar -xJf "${FINETUNE_GPU_PACK:-$REPO_ROOT/.device}/dotnet-runtime.tar.xz" -C "$work/dotnet"
+  mkdir -p "$work/dotnet" && tar -xJf "$pack/dotnet-runtime.tar.xz" -C "$work/dotnet"
+fi
+# pack.sh leaves out of worker-tests/ the files it shares with worker/ (listed in .from-worker): put them back.
+if [ -f "$pack/worker-tests/.from-worker" ]; then
+  while IFS= read -r f; do
+    [ -n "$f" ] && [ ! -e "$pack/worker-tests/$f" ] && cp "$pack/worker/$f" "$pack/worker-tests/$f"
+  done < "$pack/worker-tests/.from-worker"
 fi
 export DOTNET_ROOT="$work/dotnet" PATH="$work/dotnet:$PATH" DOTNET_CLI_TELEMETRY_OPTOUT=1
 export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}" FINETUNE_TORCH_NATIVE="$work/native/libfinetune_torch.so"

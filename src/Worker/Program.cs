@@ -4,6 +4,9 @@ using FineTune.Worker.Training.Model;
 using FineTune.Domain.Tokenizers;
 using FineTune.Worker.Tools;
 
+// FineTune.Worker bench micro|train|all …: benchmarks of the binding and the training step (Tools/BenchCommand.cs).
+if (args is ["bench", ..]) return await FineTune.Worker.Tools.BenchCommand.RunAsync(args[1..]);
+
 // Besides running a worker node, the binary makes the demo's inputs (no download needed):
 //   FineTune.Worker make-tiny-model <dir>     a tiny random Llama-style model folder with its byte-level tokenizer
 //   FineTune.Worker make-sample-data <file>   a small prompt/completion JSONL dataset

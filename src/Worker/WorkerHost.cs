@@ -30,6 +30,7 @@ public static class WorkerHost
         var storage = StorageSettings.From(config);
         builder.Services.AddSingleton(storage);
 
+        worker.ParseComputeDType();   // a misspelt dtype stops the node at start, not its first job
         var slots = DeviceSlots.FromOptions(worker);
         builder.Services.AddSingleton(slots);
         builder.Services.AddSingleton(new ArtifactStore(storage.ArtifactRoot));

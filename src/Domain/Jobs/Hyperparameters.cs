@@ -35,8 +35,15 @@ public sealed record Hyperparameters
     [DefaultValue(0.0)] public double ValidationSplit { get; init; }
     /// <summary>Validation loss every N optimizer steps (and at the end); null: at every metrics row.</summary>
     public int? EvalEvery { get; init; }
+    /// <summary>Recompute each decoder layer in backward instead of keeping its activations: much less memory,
+    /// about a third more compute.</summary>
+    [DefaultValue(false)] public bool GradientCheckpointing { get; init; }
+    /// <summary>Precision of the trained adapter tensors and their optimizer state: fp32 (PEFT's default; the adapter
+    /// math runs in fp32 on a bf16 base) or bf16 (faster, less memory).</summary>
+    [DefaultValue("fp32")] public string AdapterDtype { get; init; } = "fp32";
 
     public static readonly string[] Schedulers = ["constant", "linear", "cosine"];
+    public static readonly string[] AdapterDtypes = ["fp32", "bf16"];
 
     /// <summary>Field-level errors, keyed by the JSON path of the field (e.g. "hyperparameters.batchSize").</summary>
     public IEnumerable<(string Field, string Error)> Validate(string prefix = "hyperparameters")
@@ -54,5 +61,6 @@ public sealed record Hyperparameters
         if (!Datasets.Truncation.All.Contains(Truncation)) yield return ($"{prefix}.truncation", "must be one of: truncate, reject");
         if (!(ValidationSplit >= 0 && ValidationSplit <= 0.5)) yield return ($"{prefix}.validationSplit", "must be between 0 and 0.5");
         if (EvalEvery is < 1 or > 10_000_000) yield return ($"{prefix}.evalEvery", "must be between 1 and 10000000");
+        if (!AdapterDtypes.Contains(AdapterDtype)) yield return ($"{prefix}.adapterDtype", $"must be one of: {string.Join(", ", AdapterDtypes)}");
     }
 }

@@ -138,7 +138,7 @@ public sealed class JobRunner(
         if (resumeFrom is not null) await lease.EventAsync("resumed", $"Resuming from the checkpoint of step {resumeFrom.Value.Step}.", ct);
 
         var spec = new TrainingSpec(modelDir, tokenizer, train.Examples, validation?.Examples, method, hyper,
-            device, ScalarType.Float32, store.CheckpointDir(job.Id), resumeFrom?.Path, staging,
+            device, _options.ParseComputeDType(), store.CheckpointDir(job.Id), resumeFrom?.Path, staging,
             LogEvery: _options.LogEvery, CheckpointEvery: _options.CheckpointEvery, BaseModelName: job.Model)
         {
             DatasetSha256 = train.Sha256, ValidationSha256 = validation?.Sha256,

@@ -11,6 +11,18 @@ public sealed class WorkerOptions
     public string Device { get; set; } = "cpu";
     /// <summary>Concurrent jobs on this node (0 = one per GPU, 1 on CPU).</summary>
     public int Slots { get; set; }
+    /// <summary>dtype of the frozen base weights and activations on a GPU: bf16 (default), fp16 or fp32. The CPU
+    /// always computes in fp32. Adapter tensors keep their own precision (hyperparameter adapterDtype).</summary>
+    public string ComputeDType { get; set; } = "bf16";
+
+    /// <summary><see cref="ComputeDType"/> as a libtorch dtype; a clear error for an unknown name.</summary>
+    public Torch.ScalarType ParseComputeDType() => ComputeDType.ToLowerInvariant() switch
+    {
+        "bf16" or "bfloat16" => Torch.ScalarType.BFloat16,
+        "fp16" or "float16" or "half" => Torch.ScalarType.Float16,
+        "fp32" or "float32" or "float" => Torch.ScalarType.Float32,
+        _ => throw new InvalidOperationException($"Worker:ComputeDType must be bf16, fp16 or fp32, not '{ComputeDType}'"),
+    };
     /// <summary>How often a running job's lease is renewed (and cancel requests polled).</summary>
     public TimeSpan HeartbeatInterval { get; set; } = TimeSpan.FromSeconds(2);
     /// <summary>A running job whose lease is older than this is considered abandoned and may be taken over.</summary>

@@ -26,6 +26,23 @@ public static class F
     public static Tensor ScaledDotProductAttention(Tensor q, Tensor k, Tensor v, Tensor? mask = null, bool isCausal = false, double dropoutP = 0) =>
         Call(Native.ft_sdpa(q.Handle, k.Handle, v.Handle, mask?.Handle ?? IntPtr.Zero, isCausal ? 1 : 0, dropoutP), q, k, v, mask);
 
+    /// <summary>
+    /// Grouped-query attention: q (B, H, T, D), k and v (B, Hkv, T, D) with H a multiple of Hkv; query head h attends
+    /// with kv head h / (H/Hkv) (HF's repeat_kv). libtorch ≥ 2.5 runs it inside the fused kernels (enable_gqa) without
+    /// materialising the repeated k and v; older versions repeat them first.
+    /// </summary>
+    public static Tensor GroupedQueryAttention(Tensor q, Tensor k, Tensor v, Tensor? mask = null, bool isCausal = false, double dropoutP = 0) =>
+        Call(Native.ft_sdpa_gqa(q.Handle, k.Handle, v.Handle, mask?.Handle ?? IntPtr.Zero, isCausal ? 1 : 0, dropoutP), q, k, v, mask);
+
+    /// <summary>
+    /// Σ over rows with targets ≠ <paramref name="ignoreIndex"/> of cross-entropy(hidden · weightᵀ, targets), in fp32:
+    /// hidden (N, H), weight (V, H), targets (N) Int64. Computed <paramref name="chunkRows"/> rows at a time (0: about
+    /// 256 MB of fp32 logits per chunk), and under autograd it keeps only d/d(hidden) (computed in the forward), never
+    /// the (N, V) logits: the memory of a big-vocabulary loss drops from several times N·V·4 bytes to N·H.
+    /// </summary>
+    public static Tensor LinearCrossEntropy(Tensor hidden, Tensor weight, Tensor targets, long ignoreIndex = -100, long chunkRows = 0) =>
+        Call(Native.ft_linear_cross_entropy(hidden.Handle, weight.Handle, targets.Handle, ignoreIndex, chunkRows), hidden, weight, targets);
+
     /// <summary>weight · x/√(mean(x²)+eps), computed in fp32 (fp64 for fp64 input) and cast back to x's dtype.</summary>
     public static Tensor RmsNorm(Tensor x, Tensor weight, double eps) => Call(Native.ft_rms_norm(x.Handle, weight.Handle, eps), x, weight);
 

@@ -135,4 +135,19 @@ internal static unsafe class Native
     // ---- adapter operators (bone-family): AdapterOps.cs
     [DllImport(Lib)] internal static extern IntPtr ft_bat_linear(IntPtr x, IntPtr w, IntPtr b, IntPtr d, int grouping);
     // ---- end adapter operators (bone-family)
+    // ---------------------------------------------------------------- gpu-perf: training-path performance
+    [DllImport(Lib)] internal static extern int ft_cuda_set_device(int index);
+    [DllImport(Lib)] internal static extern int ft_cuda_current_device();
+    [DllImport(Lib)] internal static extern int ft_manual_seed_device(long seed, int devtype, int devindex);
+    [DllImport(Lib)] internal static extern IntPtr ft_alias(IntPtr t);
+    [DllImport(Lib)] internal static extern int ft_set_data(IntPtr t, IntPtr data);
+    [DllImport(Lib)] internal static extern IntPtr ft_sum_dtype(IntPtr a, long* dims, int n, int keepdim, int dtype);
+    [DllImport(Lib)] internal static extern IntPtr ft_from_data_async(void* data, long nbytes, long* shape, int ndim, int dtype, int devtype, int devindex);
+    [DllImport(Lib)] internal static extern IntPtr ft_sdpa_gqa(IntPtr q, IntPtr k, IntPtr v, IntPtr mask, int isCausal, double dropoutP);
+    [DllImport(Lib)] internal static extern IntPtr ft_linear_cross_entropy(IntPtr hidden, IntPtr weight, IntPtr targets, long ignoreIndex, long chunk);
+    [DllImport(Lib)] internal static extern void ft_set_checkpoint_callback(delegate* unmanaged<long, IntPtr*, int, IntPtr*, int, int> callback);
+    [DllImport(Lib)] internal static extern void ft_set_error(byte* message);
+    [DllImport(Lib)] internal static extern int ft_checkpoint(long fn, IntPtr* inputs, int n, IntPtr* outputs, int cap);
+    [DllImport(Lib)] internal static extern int ft_clip_grad_norm_async(IntPtr* ps, int n, double maxNorm);
+    // ---------------------------------------------------------------- end gpu-perf
 }

@@ -12,6 +12,14 @@ public static class Torch
     /// <summary>Seeds the CPU generator and every CUDA device's default generator.</summary>
     public static void ManualSeed(long seed) { Native.EnsureLoaded(); Native.Check(Native.ft_manual_seed(seed)); }
 
+    /// <summary>Seeds only <paramref name="device"/>'s default generator (the CPU one for the CPU), so that a job
+    /// reseeding its GPU does not disturb the jobs running on the node's other GPUs.</summary>
+    public static void ManualSeed(long seed, Device device)
+    {
+        Native.EnsureLoaded();
+        Native.Check(Native.ft_manual_seed_device(seed, device.NativeType, device.Index));
+    }
+
     public static void SetNumThreads(int n) { Native.EnsureLoaded(); Native.Check(Native.ft_set_num_threads(n)); }
 
     public static int NumThreads { get { Native.EnsureLoaded(); return Native.ft_get_num_threads(); } }
@@ -77,4 +85,9 @@ public static class Cuda
     public static long MaxMemoryAllocated(int device = 0) { Native.EnsureLoaded(); return Native.Check(Native.ft_cuda_memory_stat(device, 1)); }
     public static void ResetPeakMemoryStats(int device = 0) { Native.EnsureLoaded(); Native.Check(Native.ft_cuda_reset_peak(device)); }
     public static void EmptyCache() { Native.EnsureLoaded(); Native.Check(Native.ft_cuda_empty_cache()); }
+    /// <summary>Makes <paramref name="device"/> the calling thread's current CUDA device (a no-op without CUDA).
+    /// Thread-local, like libtorch's: code that awaits must set it again on the thread it resumes on.</summary>
+    public static void SetDevice(int device) { Native.EnsureLoaded(); Native.Check(Native.ft_cuda_set_device(device)); }
+    /// <summary>The calling thread's current CUDA device (0 without CUDA).</summary>
+    public static int CurrentDevice() { Native.EnsureLoaded(); return Native.Check(Native.ft_cuda_current_device()); }
 }

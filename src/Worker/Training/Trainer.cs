@@ -67,10 +67,13 @@ public sealed class Trainer
         // bf16/fp16 matmuls on the CPU are slow or missing in libtorch 1.13; the CPU computes in fp32.
         var dtype = spec.Device.Kind == DeviceKind.Cpu ? ScalarType.Float32 : spec.ComputeDType;
 
-        Torch.Torch.ManualSeed(hyper.Seed);
+        UseDevice(spec.Device);
+        Torch.Torch.ManualSeed(hyper.Seed, spec.Device);
         using var model = Llama.Load(spec.ModelDir, spec.Device, dtype);
+        model.GradientCheckpointing = hyper.GradientCheckpointing;
         CheckVocabulary(data.Examples.Concat(validation ?? []), model.Config.VocabSize);
         using var method = AdapterMethods.Attach(spec.Method, model, hyper.Seed);
+        SetAdapterPrecision(method, hyper.AdapterDtype);
         using var optimizer = new AdamW(method.ParamGroups(hyper));
         var parameters = method.TrainableTensors.Select(t => t.Tensor).ToList();
         var totalSteps = TotalSteps(hyper, data.Count);
@@ -135,19 +138,34 @@ public sealed class Trainer
     private static long TrainStep(Llama model, IAdapterMethod method, TrainingData data, ref DataPosition position,
                                   Hyperparameters hyper, long step, IReadOnlyList<Tensor> parameters, AdamW optimizer, Tensor lossWindow)
     {
-        // Dropout draws from libtorch's global generator: reseeding per step makes a resumed run draw the same masks.
-        Torch.Torch.ManualSeed(StepSeed(hyper.Seed, step));
-        method.BeginStep(step);
         var batches = new HostBatch[hyper.GradientAccumulationSteps];
         for (var i = 0; i < batches.Length; i++) batches[i] = data.NextBatch(ref position);
+        Step(model, method, batches, hyper, step, parameters, optimizer, lossWindow);
+        return batches.Sum(b => b.Tokens);
+    }
+
+    /// <summary>
+    /// One optimizer step over the given micro-batches (the training loop's step, also what the benchmark times).
+    /// Adds the step's mean loss to <paramref name="lossWindow"/> on the device; nothing in here waits for the GPU
+    /// (batches are uploaded asynchronously from page-locked memory, clipping stays on the device, no value is read).
+    /// </summary>
+    public static void Step(Llama model, IAdapterMethod method, IReadOnlyList<HostBatch> batches, Hyperparameters hyper, long step,
+                            IReadOnlyList<Tensor> parameters, AdamW optimizer, Tensor lossWindow)
+    {
+        var device = model.Device;
+        // The current CUDA device is per thread, and an async job resumes on any pool thread: set it every step.
+        UseDevice(device);
+        // Dropout draws from the device's default generator: reseeding it per step makes a resumed run draw the same
+        // masks. Only this job's device is reseeded, not the node's other GPUs (other jobs).
+        Torch.Torch.ManualSeed(StepSeed(hyper.Seed, step), device);
+        method.BeginStep(step);
         // Normalise by all label tokens of the step, so every token weighs the same whatever micro-batch it is in.
         double lossTokens = Math.Max(1, batches.Sum(b => b.LossTokens));
-        var device = model.Device;
         foreach (var b in batches)
         {
             using var scope = DisposeScope.Begin();
-            var ids = Tensor.From(b.Ids, b.Rows, b.Length).To(device);
-            var labels = Tensor.From(b.Labels, b.Rows, b.Length).To(device);
+            var ids = Tensor.FromAsync<long>(b.Ids, [b.Rows, b.Length], device);
+            var labels = Tensor.FromAsync<long>(b.Labels, [b.Rows, b.Length], device);
             var (positions, mask) = PackedInputs(b, device);
             var loss = model.Loss(ids, labels, "sum", positions, mask) / lossTokens;
             loss.Backward();
@@ -160,7 +178,33 @@ public sealed class Trainer
         optimizer.Step();
         optimizer.ZeroGrad();
         method.AfterOptimizerStep(step, optimizer);
-        return batches.Sum(b => b.Tokens);
+    }
+
+    /// <summary>Makes a CUDA device the calling thread's current one (nothing on the CPU).</summary>
+    public static void UseDevice(Device device)
+    {
+        if (device.Kind == DeviceKind.Cuda) Cuda.SetDevice(device.Index);
+    }
+
+    /// <summary>
+    /// <c>adapterDtype</c>: the methods create fp32 tensors; for bf16 they are converted in place before the optimizer
+    /// sees them (its state then is bf16 too). Layers compute in their tensors' dtype.
+    /// </summary>
+    public static void SetAdapterPrecision(IAdapterMethod method, string adapterDtype)
+    {
+        var dtype = adapterDtype switch
+        {
+            "fp32" => ScalarType.Float32,
+            "bf16" => ScalarType.BFloat16,
+            _ => throw new ArgumentException($"hyperparameters.adapterDtype: must be one of: {string.Join(", ", Hyperparameters.AdapterDtypes)}"),
+        };
+        using var noGrad = Torch.Torch.NoGrad();
+        foreach (var (_, t) in method.TrainableTensors)
+        {
+            if (t.DType == dtype || t.DType is not (ScalarType.Float32 or ScalarType.BFloat16 or ScalarType.Float16)) continue;
+            using var scope = DisposeScope.Begin();
+            t.SetData_(t.Detach().To(dtype));
+        }
     }
 
     /// <summary>Position ids and the block-diagonal attention mask of a packed batch; nulls for an unpacked one.</summary>
@@ -199,24 +243,11 @@ public sealed class Trainer
 
     /// <summary>
     /// Scales gradients so their global L2 norm is at most <paramref name="maxNorm"/>, entirely on the device
-    /// (torch's clip_grad_norm_ math: coef = min(1, maxNorm / (norm + 1e-6))). The binding's GradClip returns the norm
-    /// as a double, which would force a host sync every step.
+    /// (torch's clip_grad_norm_ math: coef = min(1, maxNorm / (norm + 1e-6)), multi-tensor norms, a handful of kernels
+    /// for all adapter tensors). The binding's GradClip.ClipGradNorm returns the norm as a double, which would force a
+    /// host sync every step.
     /// </summary>
-    public static void ClipGradNorm(IReadOnlyList<Tensor> parameters, double maxNorm)
-    {
-        using var scope = DisposeScope.Begin();
-        using var noGrad = Torch.Torch.NoGrad();
-        var grads = parameters.Select(p => p.Grad).OfType<Tensor>().ToList();
-        if (grads.Count == 0) return;
-        Tensor? total = null;
-        foreach (var g in grads)
-        {
-            var sq = g.To(ScalarType.Float32).Square().Sum();
-            total = total is null ? sq : total + sq;
-        }
-        var coef = (maxNorm / (total!.Sqrt() + 1e-6)).Clamp(null, 1.0);
-        foreach (var g in grads) g.Copy_(g * coef.To(g.DType));
-    }
+    public static void ClipGradNorm(IReadOnlyList<Tensor> parameters, double maxNorm) => GradClip.ClipGradNormAsync(parameters, maxNorm);
 
     /// <summary>Mean next-token loss over the validation examples (fixed order, dropout off).</summary>
     public static double ValidationLoss(Llama model, IAdapterMethod method, IReadOnlyList<EncodedExample> examples, int batchSize, int padId)
@@ -224,6 +255,7 @@ public sealed class Trainer
         method.Train(false);
         try
         {
+            UseDevice(model.Device);
             using var noGrad = Torch.Torch.NoGrad();
             using var total = Keep(Tensor.Zeros([], ScalarType.Float32, model.Device));
             long tokens = 0;
@@ -231,8 +263,8 @@ public sealed class Trainer
             {
                 using var scope = DisposeScope.Begin();
                 var b = TrainingData.Collate(examples.Skip(i).Take(batchSize).ToList(), padId);
-                var ids = Tensor.From(b.Ids, b.Rows, b.Length).To(model.Device);
-                var labels = Tensor.From(b.Labels, b.Rows, b.Length).To(model.Device);
+                var ids = Tensor.FromAsync<long>(b.Ids, [b.Rows, b.Length], model.Device);
+                var labels = Tensor.FromAsync<long>(b.Labels, [b.Rows, b.Length], model.Device);
                 total.Add_(model.Loss(ids, labels, "sum"));
                 tokens += b.LossTokens;
             }

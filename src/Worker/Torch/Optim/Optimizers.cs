@@ -208,6 +208,16 @@ internal static unsafe class OptimUtil
 
 public static unsafe class GradClip
 {
+    /// <summary>Scales all grads so their global L2 norm is at most <paramref name="maxNorm"/>, entirely on the device
+    /// (multi-tensor norms; nothing is read back, so the host does not wait for the GPU).</summary>
+    public static void ClipGradNormAsync(IReadOnlyList<Tensor> parameters, double maxNorm)
+    {
+        var ps = new IntPtr[parameters.Count];
+        for (var i = 0; i < ps.Length; i++) ps[i] = parameters[i].Handle;
+        fixed (IntPtr* pp = ps) Native.Check(Native.ft_clip_grad_norm_async(pp, ps.Length, maxNorm));
+        GC.KeepAlive(parameters);
+    }
+
     /// <summary>Scales all grads so their global L2 norm is at most <paramref name="maxNorm"/>; returns the norm before clipping.</summary>
     public static double ClipGradNorm(IEnumerable<Tensor> parameters, double maxNorm)
     {

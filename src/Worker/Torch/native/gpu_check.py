@@ -116,5 +116,60 @@ msg = last_error().decode()
 check(not huge and "out of memory" in msg.lower() and "Exception raised from" not in msg, f"OOM surfaces as error: {msg[:120]!r}")
 check(seed(3) == 0, "manual_seed with CUDA generators")
 
+# ---- gpu-perf additions: GQA inside sdpa, fused linear + cross-entropy, async uploads, per-device seeding (bf16 paths)
+sdpa_gqa = sig("ft_sdpa_gqa", P, P, P, P, P, I, D)
+lce = sig("ft_linear_cross_entropy", P, P, P, P, L, L)
+from_async = sig("ft_from_data_async", P, P, L, C.POINTER(L), I, I, I, I)
+seed_dev = sig("ft_manual_seed_device", I, L, I, I)
+grad_of = sig("ft_grad", I, P, C.POINTER(P))
+
+def put_dt(t: torch.Tensor, dtype):
+    return to(put(t), DT[dtype], -1, 0, 0)
+
+q = torch.randn(2, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+v = torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+hq, hk, hv = (put_dt(t, torch.bfloat16) for t in (q, k, v))
+ho = sdpa_gqa(hq, hk, hv, None, 1, 0.0)
+check(bool(ho) and torch.allclose(get(ho, ref.cpu()).float(), ref.cpu().float(), atol=2e-2, rtol=2e-2), "sdpa with GQA (bf16) matches torch enable_gqa")
+
+hid = (torch.randn(1000, 64, device="cuda") * 0.5).bfloat16().requires_grad_()
+wt = (torch.randn(5000, 64, device="cuda") * 0.1).bfloat16()
+tg = torch.randint(0, 5000, (1000,), device="cuda")
+tg[::7] = -100
+ref_loss = torch.nn.functional.cross_entropy((hid @ wt.t()).float(), tg, ignore_index=-100, reduction="sum")
+ref_loss.backward()
+hh = put_dt(hid.detach(), torch.bfloat16)
+assert set_rg(hh, 1) == 0, last_error()
+hw, ht = put_dt(wt, torch.bfloat16), put(tg)
+hl = lce(hh, hw, ht, -100, 128)
+ok = bool(hl)
+if ok:
+    assert backward(hl, None, 0) == 0, last_error()
+    g = P()
+    assert grad_of(hh, C.byref(g)) == 1, last_error()
+    loss_ours = get(hl, ref_loss.detach().cpu()).item()
+    grad_ours = get(g, hid.grad.cpu()).float()
+    ok = abs(loss_ours - ref_loss.item()) <= 1e-3 * abs(ref_loss.item()) and \
+        (grad_ours - hid.grad.cpu().float()).norm() <= 2e-2 * hid.grad.cpu().float().norm()
+check(ok, "fused linear + cross-entropy (bf16, chunked) matches cross_entropy of fp32 logits, loss and grad")
+
+rms = sig("ft_rms_norm", P, P, P, D)
+xr = torch.randn(4, 64, 2048, device="cuda", dtype=torch.bfloat16)
+wr = (1 + 0.1 * torch.randn(2048, device="cuda")).bfloat16()
+ref_r = wr * (xr.float() * torch.rsqrt(xr.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()   # HF's LlamaRMSNorm
+hr = rms(put(xr), put(wr), 1e-5)
+check(bool(hr) and torch.allclose(get(hr, ref_r.cpu()).float(), ref_r.cpu().float(), atol=2e-2, rtol=2e-2), "rms_norm (bf16) matches HF's LlamaRMSNorm to bf16 rounding")
+
+data = torch.arange(12, dtype=torch.int64)
+shape = (L * 2)(3, 4)
+ha = from_async(data.data_ptr(), 96, shape, 2, DT[torch.int64], 1, 0)
+check(bool(ha) and torch.equal(get(ha, data.view(3, 4)), data.view(3, 4)), "async pinned upload round-trips")
+torch.manual_seed(99); a = torch.randn(4, device="cuda")
+check(seed_dev(99, 1, 0) == 0, "manual_seed_device on cuda:0")
+b = torch.randn(4, device="cuda")
+check(torch.equal(a, b), "seeding cuda:0 alone gives torch.manual_seed's stream on it")
+
 print("FAILURES:", failures if failures else "none")
 sys.exit(1 if failures else 0)

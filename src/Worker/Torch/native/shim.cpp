@@ -10,6 +10,8 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/version.h>
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -572,6 +574,11 @@ FT_API T ft_sdpa(T q, T k, T v, T mask, int is_causal, double dropout_p) {
 FT_API T ft_rms_norm(T x, T w, double eps) {
   FT_TRY(nullptr, {
     const at::Tensor& X = *x;
+#if FT_AT_LEAST(2, 8)
+    // gpu-perf: libtorch's own RMSNorm, one fused CUDA kernel each way that keeps only x and 1/rms for backward
+    // (the composed form below keeps several fp32 copies of x). It applies the weight in fp32 before the one rounding.
+    if (X.is_cuda() && w->scalar_type() == X.scalar_type()) return wrap(at::rms_norm(X, {X.size(-1)}, *w, eps));
+#endif
     auto compute = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     auto h = X.to(compute);
     h = h * at::rsqrt(h.pow(2).mean(-1, true) + eps);
@@ -620,12 +627,15 @@ FT_API int ft_adamw_step(T* params, T* exp_avg, T* exp_avg_sq, int n, double lr,
     if (p.empty()) return 0;
 #if FT_AT_LEAST(2, 1)
     bool all_cuda = true;
-    for (const auto& t : p) all_cuda = all_cuda && t.is_cuda() && at::isFloatingType(t.scalar_type());
+    // The fused kernel dispatches on the first tensor's dtype and device: mixed lists take the foreach path.
+    for (const auto& t : p)
+      all_cuda = all_cuda && t.is_cuda() && at::isFloatingType(t.scalar_type()) && t.scalar_type() == p[0].scalar_type() &&
+                 t.device() == p[0].device();
     if (all_cuda) {
-      // The fused kernel reads the (already incremented) step from a float tensor per parameter.
-      std::vector<at::Tensor> steps;
-      steps.reserve(p.size());
-      for (const auto& t : p) steps.push_back(at::full({}, static_cast<double>(step), t.options().dtype(at::kFloat)));
+      // The fused kernel reads the (already incremented) step from a float tensor per parameter and never writes
+      // it, so one device tensor serves every parameter: one fill per step instead of one per parameter.
+      auto step_t = at::full({}, static_cast<double>(step), p[0].options().dtype(at::kFloat));
+      std::vector<at::Tensor> steps(p.size(), step_t);
       at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps, false, false);
       return 0;
     }
@@ -802,3 +812,336 @@ FT_API T ft_bat_linear(T x, T w, T b, T d, int grouping) {
   })
 }
 // ================================================================ end adapter operators (bone-family)
+
+// ================================================================ gpu-perf: training-path performance
+// (device pinning, per-device seeding, pinned async uploads, fused linear + cross-entropy, activation checkpointing)
+
+FT_API int ft_cuda_set_device(int index) {
+  FT_TRY(-1, {
+#ifdef FT_WITH_CUDA
+    if (at::hasCUDA()) c10::cuda::set_device(static_cast<c10::DeviceIndex>(index));
+#else
+    (void)index;
+#endif
+    return 0;
+  })
+}
+FT_API int ft_cuda_current_device() {
+  FT_TRY(-1, {
+#ifdef FT_WITH_CUDA
+    if (at::hasCUDA()) return static_cast<int>(c10::cuda::current_device());
+#endif
+    return 0;
+  })
+}
+
+// Seeds one device's default generator only (the CPU one for devtype 0): jobs on other GPUs of the node keep theirs.
+FT_API int ft_manual_seed_device(int64_t seed, int devtype, int devindex) {
+  FT_TRY(-1, {
+    at::Generator g = devtype == 1
+        ? at::globalContext().defaultGenerator(device_of(devtype, devindex))
+        : at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(g.mutex());
+    g.set_current_seed(static_cast<uint64_t>(seed));
+    return 0;
+  })
+}
+
+// A second handle on the same tensor (shares storage and autograd identity).
+FT_API T ft_alias(T t) { FT_TRY(nullptr, { return wrap(*t); }) }
+
+// Replaces t's data in place (dtype and device may change), keeping the tensor object and its autograd identity:
+// `param.data = param.data.to(bf16)`.
+FT_API int ft_set_data(T t, T data) { FT_TRY(-1, { t->set_data(*data); return 0; }) }
+
+// sum over dims accumulating and returning in `dtype` (a bf16 input summed in fp32 without an fp32 copy of it).
+FT_API T ft_sum_dtype(T a, const int64_t* d, int n, int keepdim, int dtype) {
+  FT_TRY(nullptr, { return wrap(at::sum(*a, dims(d, n), keepdim != 0, static_cast<at::ScalarType>(dtype))); })
+}
+
+// Host data straight into a page-locked buffer, then an asynchronous copy to the GPU: the host does not wait for the
+// GPU to drain its queue, as a copy from pageable memory does. The caching host allocator keeps the buffer until the
+// copy has run, so it may be freed at once. On the CPU this is ft_from_data.
+FT_API T ft_from_data_async(const void* data, int64_t nbytes, const int64_t* shape, int ndim, int dtype, int devtype, int devindex) {
+  FT_TRY(nullptr, {
+    auto o = at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype));
+    if (devtype == 1) o = o.pinned_memory(true);
+    auto t = at::empty(dims(shape, ndim), o);
+    int64_t need = t.numel() * static_cast<int64_t>(t.element_size());
+    TORCH_CHECK(need == nbytes, "data has ", nbytes, " bytes but shape ", t.sizes(), " of ", t.scalar_type(), " needs ", need);
+    if (nbytes > 0) std::memcpy(t.data_ptr(), data, static_cast<size_t>(nbytes));
+    if (devtype == 1) t = t.to(device_of(devtype, devindex), /*non_blocking=*/true);
+    return wrap(std::move(t));
+  })
+}
+
+// sdpa with grouped-query attention: q (B, H, T, D), k and v (B, Hkv, T, D), H a multiple of Hkv; query head h reads
+// kv head h / (H / Hkv) (HF repeat_kv). libtorch >= 2.5 does this inside the fused kernels (enable_gqa); older
+// versions repeat k and v first.
+FT_API T ft_sdpa_gqa(T q, T k, T v, T mask, int is_causal, double dropout_p) {
+  FT_TRY(nullptr, {
+    c10::optional<at::Tensor> m;
+    if (mask) m = *mask;
+    int64_t h = q->size(-3), hkv = k->size(-3);
+    TORCH_CHECK(hkv > 0 && h % hkv == 0, "query heads (", h, ") must be a multiple of key/value heads (", hkv, ")");
+#if FT_AT_LEAST(2, 5)
+    return wrap(at::scaled_dot_product_attention(*q, *k, *v, m, dropout_p, is_causal != 0, c10::nullopt, h != hkv));
+#else
+    auto repeat = [&](const at::Tensor& x) {
+      if (h == hkv) return x;
+      auto s = x.sizes().vec();  // (..., Hkv, T, D)
+      std::vector<int64_t> e(s.begin(), s.end());
+      e.insert(e.end() - 2, h / hkv);
+      auto expanded = x.unsqueeze(-3).expand(e);
+      s[s.size() - 3] = h;
+      return expanded.reshape(s);
+    };
+    auto kk = repeat(*k), vv = repeat(*v);
+    return ft_sdpa(q, &kk, &vv, mask, is_causal, dropout_p);
+#endif
+  })
+}
+
+namespace {
+// An undefined tensor may be stored as None in an IValue.
+at::Tensor saved_tensor(torch::autograd::AutogradContext* ctx, const char* key) {
+  auto it = ctx->saved_data.find(key);
+  return it != ctx->saved_data.end() && it->second.isTensor() ? it->second.toTensor() : at::Tensor();
+}
+
+// Cross-entropy of (hidden · weightᵀ) against targets, summed over rows whose target is not ignore_index, computed
+// `chunk` rows at a time: the (rows × vocab) fp32 logits of the whole batch never exist, and neither does anything
+// saved for backward but the gradient with respect to hidden (and weight, if it is trained), which the forward
+// computes chunk by chunk (softmax − one-hot, the fused-linear-cross-entropy scheme). Backward only scales it.
+struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                            const at::Tensor& targets, int64_t ignore_index, int64_t chunk) {
+    bool need_h = hidden.requires_grad(), need_w = weight.requires_grad();
+    at::Tensor gh = need_h ? at::empty_like(hidden) : at::Tensor();
+    at::Tensor gw = need_w ? at::zeros(weight.sizes(), weight.options().dtype(at::kFloat)) : at::Tensor();
+    auto total = chunked(hidden, weight, targets, ignore_index, chunk, &gh, &gw);
+    ctx->saved_data["gh"] = gh;
+    ctx->saved_data["gw"] = gw;
+    ctx->saved_data["w_dtype"] = static_cast<int64_t>(weight.scalar_type());
+    return total;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    auto g = grads[0];
+    auto gh = saved_tensor(ctx, "gh");
+    auto gw = saved_tensor(ctx, "gw");
+    at::Tensor dh, dw;
+    if (gh.defined()) dh = gh * g.to(gh.scalar_type());
+    if (gw.defined()) dw = (gw * g).to(static_cast<at::ScalarType>(ctx->saved_data["w_dtype"].toInt()));
+    return {dh, dw, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+
+  // The summed loss (fp32 scalar; fp64 for fp64 inputs); when gh / gw are defined, fills them with d(sum)/d(hidden)
+  // and accumulates d(sum)/d(weight). Per chunk the (rows × vocab) work is: the logits in the input dtype, one fp32
+  // log-softmax (as cross_entropy computes it), and for the gradient its exp in place, minus one at the targets, cast
+  // to the input dtype; rows of ignored targets are zeroed on the (rows × hidden) side, not the (rows × vocab) one.
+  static at::Tensor chunked(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                            int64_t ignore_index, int64_t chunk, at::Tensor* gh, at::Tensor* gw) {
+    at::NoGradGuard no_grad;
+    int64_t n = hidden.size(0);
+    auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    auto total = at::zeros({}, hidden.options().dtype(acc));
+    bool grad = (gh && gh->defined()) || (gw && gw->defined());
+    for (int64_t s = 0; s < n; s += chunk) {
+      int64_t len = std::min(chunk, n - s);
+      auto h = hidden.narrow(0, s, len);
+      auto t = targets.narrow(0, s, len);
+      auto logp = at::log_softmax(at::matmul(h, weight.t()).to(acc), -1);  // (len, V)
+      auto valid = t.ne(ignore_index);
+      auto idx = at::where(valid, t, at::zeros({}, t.options())).unsqueeze(1);
+      auto mask = valid.to(acc);
+      total.sub_((logp.gather(1, idx).squeeze(1) * mask).sum());
+      if (!grad) continue;
+      auto p = logp.exp_();  // softmax, in place
+      p.scatter_add_(1, idx, at::full({len, 1}, -1.0, p.options()));
+      auto pc = p.to(hidden.scalar_type());
+      auto rows = mask.unsqueeze(1).to(hidden.scalar_type());
+      if (gh && gh->defined()) gh->narrow(0, s, len).copy_(at::matmul(pc, weight).mul_(rows));
+      if (gw && gw->defined()) gw->add_(at::matmul(pc.t(), h * rows).to(at::kFloat));
+    }
+    return total;
+  }
+};
+
+// Activation checkpointing: forward runs a C# function (a decoder layer) under no-grad and keeps only its inputs;
+// backward runs it again with grad enabled, with the RNG state of the first run (same dropout masks), and
+// backpropagates through the recomputed graph (gradients accumulate into the adapter tensors, as in PyTorch's
+// reentrant checkpoint). The C# side is reached through a function pointer; it may be called on autograd's device
+// threads. `anchor` is a tensor that requires grad, so that the output takes part in backward even when no input
+// does (the first layer's input, the frozen embeddings' output).
+using CheckpointCallback = int (*)(int64_t fn, T* inputs, int n, T* outputs, int cap);
+std::atomic<CheckpointCallback> g_checkpoint_cb{nullptr};
+constexpr int kMaxCheckpointOutputs = 16;
+
+std::vector<at::Tensor> run_checkpoint_fn(int64_t fn, const std::vector<at::Tensor>& inputs) {
+  auto cb = g_checkpoint_cb.load();
+  TORCH_CHECK(cb != nullptr, "no activation-checkpoint callback is registered");
+  std::vector<T> in;
+  in.reserve(inputs.size());
+  for (const auto& x : inputs) in.push_back(new at::Tensor(x));  // the callee owns these handles
+  T out[kMaxCheckpointOutputs] = {};
+  int k = cb(fn, in.data(), static_cast<int>(in.size()), out, kMaxCheckpointOutputs);
+  if (k < 0) throw std::runtime_error(g_error);
+  std::vector<at::Tensor> result;
+  for (int i = 0; i < k; ++i) {
+    result.push_back(*out[i]);
+    delete out[i];
+  }
+  return result;
+}
+
+struct RngState {
+  at::Tensor cpu, cuda;
+  at::Device device = at::Device(at::kCPU);
+};
+
+RngState save_rng(const at::Device& device) {
+  RngState s;
+  s.device = device;
+  auto cpu = at::detail::getDefaultCPUGenerator();
+  {
+    std::lock_guard<std::mutex> lock(cpu.mutex());
+    s.cpu = cpu.get_state();
+  }
+  if (device.is_cuda()) {
+    auto g = at::globalContext().defaultGenerator(device);
+    std::lock_guard<std::mutex> lock(g.mutex());
+    s.cuda = g.get_state();
+  }
+  return s;
+}
+
+void restore_rng(const RngState& s) {
+  auto cpu = at::detail::getDefaultCPUGenerator();
+  {
+    std::lock_guard<std::mutex> lock(cpu.mutex());
+    cpu.set_state(s.cpu);
+  }
+  if (s.cuda.defined()) {
+    auto g = at::globalContext().defaultGenerator(s.device);
+    std::lock_guard<std::mutex> lock(g.mutex());
+    g.set_state(s.cuda);
+  }
+}
+
+struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, int64_t fn, at::TensorList inputs,
+                                                const at::Tensor& anchor) {
+    (void)anchor;
+    std::vector<at::Tensor> in(inputs.begin(), inputs.end());
+    auto device = in.empty() ? at::Device(at::kCPU) : in[0].device();
+    auto rng = save_rng(device);
+    ctx->saved_data["fn"] = fn;
+    ctx->saved_data["rng_cpu"] = rng.cpu;
+    ctx->saved_data["rng_cuda"] = rng.cuda;
+    ctx->saved_data["rng_device"] = static_cast<int64_t>(device.is_cuda() ? device.index() : -1);
+    std::vector<int64_t> grad(in.size());
+    for (size_t i = 0; i < in.size(); ++i) grad[i] = in[i].requires_grad() ? 1 : 0;
+    ctx->saved_data["needs_grad"] = grad;
+    ctx->save_for_backward(in);
+    return run_checkpoint_fn(fn, in);  // grad mode is off inside a custom Function's forward
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto needs = ctx->saved_data["needs_grad"].toIntVector();
+    std::vector<at::Tensor> in;
+    in.reserve(saved.size());
+    for (size_t i = 0; i < saved.size(); ++i) {
+      auto d = saved[i].detach();
+      if (needs[i] != 0) d.requires_grad_(true);
+      in.push_back(d);
+    }
+    RngState first;
+    int64_t dev = ctx->saved_data["rng_device"].toInt();
+    first.device = dev < 0 ? at::Device(at::kCPU) : at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(dev));
+    first.cpu = saved_tensor(ctx, "rng_cpu");
+    first.cuda = saved_tensor(ctx, "rng_cuda");
+    auto now = save_rng(first.device);
+    std::vector<at::Tensor> out;
+    restore_rng(first);
+    try {
+      at::AutoGradMode enable(true);
+      out = run_checkpoint_fn(ctx->saved_data["fn"].toInt(), in);
+    } catch (...) {
+      restore_rng(now);
+      throw;
+    }
+    restore_rng(now);
+    torch::autograd::variable_list roots, root_grads;
+    for (size_t i = 0; i < out.size() && i < grads.size(); ++i)
+      if (out[i].requires_grad() && grads[i].defined()) {
+        roots.push_back(out[i]);
+        root_grads.push_back(grads[i]);
+      }
+    if (!roots.empty()) torch::autograd::backward(roots, root_grads);
+    torch::autograd::variable_list result;
+    result.reserve(in.size() + 2);
+    result.emplace_back();  // fn
+    for (auto& x : in) result.push_back(x.requires_grad() ? x.grad() : at::Tensor());
+    result.emplace_back();  // anchor
+    return result;
+  }
+};
+}  // namespace
+
+// Summed cross-entropy of hidden (N, H) · weight (V, H)ᵀ against targets (N), `chunk` rows at a time (<= 0: a size
+// that keeps one chunk's fp32 logits near 256 MB).
+FT_API T ft_linear_cross_entropy(T hidden, T weight, T targets, int64_t ignore_index, int64_t chunk) {
+  FT_TRY(nullptr, {
+    TORCH_CHECK(hidden->dim() == 2 && weight->dim() == 2 && hidden->size(1) == weight->size(1),
+                "linear_cross_entropy: hidden (N, H) and weight (V, H) expected, got ", hidden->sizes(), " and ", weight->sizes());
+    TORCH_CHECK(targets->dim() == 1 && targets->size(0) == hidden->size(0),
+                "linear_cross_entropy: targets (N) expected, got ", targets->sizes(), " for ", hidden->size(0), " rows");
+    if (chunk <= 0) chunk = std::max<int64_t>(64, ((int64_t{1} << 26) / std::max<int64_t>(1, weight->size(0))) / 64 * 64);
+    bool grad = at::GradMode::is_enabled() && (hidden->requires_grad() || weight->requires_grad());
+    if (!grad) return wrap(LinearCrossEntropy::chunked(*hidden, *weight, *targets, ignore_index, chunk, nullptr, nullptr));
+    return wrap(LinearCrossEntropy::apply(*hidden, *weight, *targets, ignore_index, chunk));
+  })
+}
+
+// Global-norm clipping that stays on the device (no host read of the norm, unlike ft_clip_grad_norm): multi-tensor
+// norms, coef = min(1, max_norm / (norm + 1e-6)), grads scaled in place (torch.nn.utils.clip_grad_norm_'s math).
+FT_API int ft_clip_grad_norm_async(T* params, int n, double max_norm) {
+  FT_TRY(-1, {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> grads;
+    for (int i = 0; i < n; ++i) {
+      const auto& g = params[i]->grad();
+      if (g.defined()) grads.push_back(g);
+    }
+    if (grads.empty()) return 0;
+    auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    std::vector<at::Tensor> norms;
+    for (auto& x : at::_foreach_norm(grads, 2)) norms.push_back(x.to(acc));
+    auto coef = (max_norm / (at::stack(norms).norm(2) + 1e-6)).clamp_max(1.0);
+#if FT_AT_LEAST(2, 1)
+    at::_foreach_mul_(grads, coef);
+#else
+    for (auto& g : grads) g.mul_(coef);
+#endif
+    return 0;
+  })
+}
+
+FT_API void ft_set_checkpoint_callback(CheckpointCallback cb) { g_checkpoint_cb.store(cb); }
+// Lets a callback report an error message on the calling thread (returned by ft_last_error / rethrown by the caller).
+FT_API void ft_set_error(const char* message) { set_error(message); }
+
+// Runs C# function `fn` on inputs under activation checkpointing; writes up to `cap` output handles, returns their count.
+FT_API int ft_checkpoint(int64_t fn, T* inputs, int n, T* outputs, int cap) {
+  FT_TRY(-1, {
+    auto in = list(inputs, n);
+    auto anchor = at::empty({0}, in.empty() ? at::TensorOptions() : in[0].options().dtype(at::kFloat)).requires_grad_(true);
+    auto out = CheckpointFunction::apply(fn, at::TensorList(in), anchor);
+    TORCH_CHECK(static_cast<int>(out.size()) <= cap, "checkpointed function returned ", out.size(), " tensors, expected at most ", cap);
+    for (size_t i = 0; i < out.size(); ++i) outputs[i] = wrap(std::move(out[i]));
+    return static_cast<int>(out.size());
+  })
+}
+// ================================================================ end gpu-perf

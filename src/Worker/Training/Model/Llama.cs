@@ -146,16 +146,11 @@ public sealed class Attention : Module
         var v = VProj.Forward(x).View(b, t, _kvHeads, _headDim).Transpose(1, 2);
         q = Rotary.Apply(q, cos, sin);
         k = Rotary.Apply(k, cos, sin);
-        if (_heads != _kvHeads)
-        {
-            // Grouped-query attention: each kv head serves heads/kvHeads query heads (HF repeat_kv).
-            long rep = _heads / _kvHeads;
-            k = k.Unsqueeze(2).Expand(b, _kvHeads, rep, t, _headDim).Reshape(b, _heads, t, _headDim);
-            v = v.Unsqueeze(2).Expand(b, _kvHeads, rep, t, _headDim).Reshape(b, _heads, t, _headDim);
-        }
-        // Unpacked batches are right-padded, so causal alone keeps a real token from seeing a pad (pads come after
-        // it), and positions of pads carry label -100.
-        var y = mask is null ? F.ScaledDotProductAttention(q, k, v, isCausal: true) : F.ScaledDotProductAttention(q, k, v, mask);
+        // Grouped-query attention (each kv head serves heads/kvHeads query heads, HF repeat_kv) inside the fused kernel
+        // where libtorch has it, so the repeated k and v are never materialised. Unpacked batches are right-padded, so
+        // causal alone keeps a real token from seeing a pad (pads come after it; their labels are -100); packed rows
+        // pass their block-diagonal mask.
+        var y = mask is null ? F.GroupedQueryAttention(q, k, v, isCausal: true) : F.GroupedQueryAttention(q, k, v, mask);
         return OProj.Forward(y.Transpose(1, 2).Reshape(b, t, _heads * _headDim));
     }
 }
@@ -196,6 +191,25 @@ public sealed class DecoderLayer : Module
         var h = x + SelfAttn.Forward(InputLayernorm.Forward(x), cos, sin, mask);
         return h + Mlp.Forward(PostAttentionLayernorm.Forward(h));
     }
+
+    private long _checkpointId;
+
+    /// <summary><see cref="Forward"/> under activation checkpointing: only the layer's input is kept for backward,
+    /// which runs the layer again (same dropout masks).</summary>
+    public Tensor ForwardCheckpointed(Tensor x, Tensor cos, Tensor sin, Tensor? mask = null)
+    {
+        if (_checkpointId == 0)
+            _checkpointId = ActivationCheckpoint.Register(xs => [Forward(xs[0], xs[1], xs[2], xs.Length > 3 ? xs[3] : null)]);
+        return (mask is null ? ActivationCheckpoint.Run(_checkpointId, x, cos, sin)
+                             : ActivationCheckpoint.Run(_checkpointId, x, cos, sin, mask))[0];
+    }
+
+    public override void Dispose()
+    {
+        if (_checkpointId != 0) ActivationCheckpoint.Unregister(_checkpointId);
+        _checkpointId = 0;
+        base.Dispose();
+    }
 }
 
 /// <summary>Holds modules under names "0", "1", … so that parameter paths read model.layers.N.….</summary>
@@ -232,7 +246,13 @@ public sealed class Llama : Module
     public Linear? LmHead { get; }
     public Device Device { get; }
     public ScalarType DType { get; }
+    /// <summary>Run every decoder layer under activation checkpointing while autograd is on: activation memory drops
+    /// to one hidden state per layer, for about a third more compute (a second forward in backward).</summary>
+    public bool GradientCheckpointing { get; set; }
     private readonly Rotary _rotary;
+    // cos/sin tables per dtype, on the device, for the longest sequence seen: computed once instead of per forward
+    // (building them needs a host-to-device copy, which would make the host wait for the GPU every step).
+    private readonly Dictionary<ScalarType, (Tensor Cos, Tensor Sin)> _rope = [];
 
     private Llama(ModelConfig c, WeightSource w, Device device, ScalarType dtype)
     {
@@ -278,15 +298,44 @@ public sealed class Llama : Module
     {
         if (Config.SequenceLengthProblem((int)ids.Size(1)) is { } problem) throw new ArgumentException(problem);
         var x = Model.EmbedTokens.Forward(ids);
-        var (cos, sin) = _rotary.Tables(ids.Size(1), Device, x.DType);
+        var (cos, sin) = RopeTables(ids.Size(1), x.DType);
         if (positions is not null)
         {
             // Per-token rotary angles (B, 1, T, headDim): each packed example starts again at position 0.
             cos = F.Embedding(cos, positions).Unsqueeze(1);
             sin = F.Embedding(sin, positions).Unsqueeze(1);
         }
-        for (var i = 0; i < Model.Layers.Count; i++) x = Model.Layers[i].Forward(x, cos, sin, mask);
+        var checkpoint = GradientCheckpointing && Torch.Torch.IsGradEnabled;
+        for (var i = 0; i < Model.Layers.Count; i++)
+            x = checkpoint ? Model.Layers[i].ForwardCheckpointed(x, cos, sin, mask) : Model.Layers[i].Forward(x, cos, sin, mask);
         return Model.Norm.Forward(x);
+    }
+
+    /// <summary>cos and sin (T, headDim) for positions 0..T-1: views of cached tables (the same values as
+    /// <see cref="Rotary.Tables"/>, which are elementwise in the position).</summary>
+    private (Tensor Cos, Tensor Sin) RopeTables(long t, ScalarType dtype)
+    {
+        if (!_rope.TryGetValue(dtype, out var tables) || tables.Cos.Size(0) < t)
+        {
+            if (tables.Cos is not null) { tables.Cos.Dispose(); tables.Sin.Dispose(); }
+            var length = Math.Max(t, 256);
+            length = (length + 255) / 256 * 256;
+            using (DisposeScope.Begin())
+            using (Torch.Torch.NoGrad())
+            {
+                var (c, s) = _rotary.Tables(length, Device, dtype);
+                tables = (DisposeScope.Keep(c), DisposeScope.Keep(s));
+            }
+            _rope[dtype] = tables;
+        }
+        return (tables.Cos.Narrow(0, 0, t), tables.Sin.Narrow(0, 0, t));
+    }
+
+    public override void Dispose()
+    {
+        foreach (var (c, s) in _rope.Values) { c.Dispose(); s.Dispose(); }
+        _rope.Clear();
+        base.Dispose();
     }
 
     /// <summary>
@@ -308,6 +357,26 @@ public sealed class Llama : Module
     /// <paramref name="reduction"/> "sum" lets the caller normalise over a whole accumulated step.
     /// </summary>
     public Tensor Loss(Tensor ids, Tensor labels, string reduction = "mean", Tensor? positions = null, Tensor? mask = null)
+    {
+        var head = LmHead;
+        if (reduction == "none" || head is { Adapter: not null } || head?.Bias is not null)
+            return LossFromLogits(ids, labels, reduction, positions, mask);
+        var h = Hidden(ids, positions, mask);
+        long t = ids.Size(1);
+        // Shift the labels rather than the logits (as HF does): position i predicts label i+1, the last predicts nothing.
+        var targets = labels.Narrow(1, 1, t - 1).Pad([0, 1], -100).Reshape(-1);
+        var sum = F.LinearCrossEntropy(h.Reshape(-1, h.Size(-1)), head?.Weight ?? Model.EmbedTokens.Weight, targets, -100);
+        return reduction switch
+        {
+            "sum" => sum,
+            "mean" => sum / targets.Ne(-100).Sum(),
+            _ => throw new ArgumentException($"reduction must be mean, sum or none, not '{reduction}'", nameof(reduction)),
+        };
+    }
+
+    /// <summary>The same loss from the full (B, T, vocab) logits: per-token losses ("none"), and the reference the fused
+    /// path is tested against.</summary>
+    public Tensor LossFromLogits(Tensor ids, Tensor labels, string reduction = "mean", Tensor? positions = null, Tensor? mask = null)
     {
         var logits = Forward(ids, positions, mask);
         long t = ids.Size(1), v = logits.Size(-1);

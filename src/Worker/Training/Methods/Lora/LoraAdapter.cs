@@ -104,9 +104,11 @@ public sealed class LoraLayer : IAdapterLayer
     public Tensor Forward(Tensor x, Tensor baseOutput)
     {
         if (Merged) return baseOutput;
-        var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
+        // In the adapter's dtype (fp32 masters by default, bf16 with adapterDtype bf16); the fp32 cast of an input
+        // shared by several modules is made once.
+        var h = AdapterInput.As(x, A.DType);
         if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
-        var y = baseOutput + F.Linear(F.Linear(h, A), B) * Scaling;
+        var y = baseOutput.Add(F.Linear(F.Linear(h, A), B), Scaling);   // base + s·(h Aᵀ) Bᵀ in one kernel
         return y.DType == baseOutput.DType ? y : y.To(baseOutput.DType);
     }
 

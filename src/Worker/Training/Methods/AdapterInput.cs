@@ -1,0 +1,25 @@
+using FineTune.Worker.Torch;
+
+namespace FineTune.Worker.Training.Methods;
+
+/// <summary>
+/// An adapter's input in the adapter tensors' dtype. On a bf16 base with fp32 adapters every adapted module casts its
+/// input to fp32, and several modules share one input (q, k and v; gate and up): the cast of the most recent input
+/// is reused, so it is computed, and kept for backward, once per distinct input instead of once per module. Same
+/// values as a cast per module.
+/// </summary>
+public static class AdapterInput
+{
+    // Per thread: checkpointed layers are recomputed on autograd's threads.
+    [ThreadStatic] private static Tensor? _source;
+    [ThreadStatic] private static Tensor? _cast;
+
+    public static Tensor As(Tensor x, ScalarType dtype)
+    {
+        if (x.DType == dtype) return x;
+        if (ReferenceEquals(x, _source) && _cast is { IsDisposed: false } cached && cached.DType == dtype) return cached;
+        var cast = x.To(dtype);
+        (_source, _cast) = (x, cast);
+        return cast;
+    }
+}

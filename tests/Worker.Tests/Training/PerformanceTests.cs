@@ -1,0 +1,262 @@
+using FineTune.Domain.Jobs;
+using FineTune.Domain.Methods;
+using FineTune.Worker.Torch;
+using FineTune.Worker.Training;
+using FineTune.Worker.Training.Methods;
+using FineTune.Worker.Training.Model;
+
+namespace FineTune.Worker.Tests.Training;
+
+/// <summary>
+/// The training path's speed and memory changes compute what the plain path computes: the fused linear +
+/// cross-entropy, activation checkpointing, grouped-query attention in the kernel, bf16 adapters, asynchronous
+/// uploads and per-device seeding. Equality checks only; speed is measured by the benchmark, not asserted.
+/// </summary>
+public sealed class PerformanceTests
+{
+    private static readonly Device Dev = TestData.Device;
+    /// <summary>fp32 on the CPU recomputes bit for bit; CUDA's attention backward may reorder sums.</summary>
+    private static readonly double Tol = Dev.Kind == DeviceKind.Cpu ? 1e-6 : 1e-5;
+
+    private static MethodSpec Spec(string name) => name switch
+    {
+        "lora" => new LoraMethod { R = 4, Alpha = 8, Dropout = 0.1, TargetModules = MethodSpec.AllModules },
+        "bone" => new BoneMethod { R = 16, TargetModules = MethodSpec.AllModules },
+        _ => throw new ArgumentException(name),
+    };
+
+    public static TheoryData<string> Methods => new() { "lora", "bone" };
+
+    private static Tensor Batch() => TestData.Ids(
+        [256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100],
+        [256, 98, 121, 116, 101, 115, 32, 97, 110, 100, 258, 258]).To(Dev);
+
+    private static Tensor Labels(Tensor ids) => ids.MaskedFill(ids.Eq(258), -100);
+
+    /// <summary>max |a − b| over max(1, max |b|).</summary>
+    private static double RelDiff(Tensor a, Tensor b)
+    {
+        using var scope = DisposeScope.Begin();
+        var scale = Math.Max(1.0, b.Abs().Max().ItemDouble());
+        return (a.To(ScalarType.Float64) - b.To(ScalarType.Float64)).Abs().Max().ItemDouble() / scale;
+    }
+
+    [Theory]
+    [InlineData(0L)]   // automatic chunk size: one chunk here
+    [InlineData(3L)]   // several chunks, the last one short
+    public void Linear_cross_entropy_equals_cross_entropy_of_the_logits_with_gradients(long chunk)
+    {
+        using var scope = DisposeScope.Begin();
+        using var gen = new Generator(5, Dev);
+        var h = Tensor.Randn([10, 6], gen, device: Dev).RequiresGrad_();
+        var w = Tensor.Randn([13, 6], gen, device: Dev).RequiresGrad_();
+        var targets = Tensor.From(new long[] { 3, -100, 0, 12, 7, 7, -100, 1, 5, 2 }).To(Dev);
+
+        var fused = F.LinearCrossEntropy(h, w, targets, -100, chunk);
+        (fused * 0.5).Backward();
+        var (gh, gw) = (h.Grad!, w.Grad!);
+
+        var h2 = h.Detach().RequiresGrad_();
+        var w2 = w.Detach().RequiresGrad_();
+        var reference = F.CrossEntropy(F.Linear(h2, w2), targets, -100, "sum");
+        (reference * 0.5).Backward();
+
+        Assert.True(RelDiff(fused, reference) < 1e-6, $"loss {fused.ItemDouble()} vs {reference.ItemDouble()}");
+        Assert.True(RelDiff(gh, h2.Grad!) < 1e-6, "d/d hidden");
+        Assert.True(RelDiff(gw, w2.Grad!) < 1e-6, "d/d weight");
+
+        // Without autograd it is the same value (no gradient is computed or kept).
+        using (global::FineTune.Worker.Torch.Torch.NoGrad())
+            Assert.True(RelDiff(F.LinearCrossEntropy(h, w, targets, -100, chunk), reference) < 1e-6);
+    }
+
+    [Fact]
+    public void Model_loss_through_the_fused_head_equals_the_logits_path_with_adapter_gradients()
+    {
+        using var model = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.Float32);
+        using var method = AdapterMethods.Attach(new LoraMethod { R = 4, Alpha = 8, TargetModules = MethodSpec.AllModules }, model, seed: 3);
+        TestData.Randomize(method, 9);
+        using var scope = DisposeScope.Begin();
+        var ids = Batch();
+        var labels = Labels(ids);
+
+        var fusedMean = model.Loss(ids, labels, "mean");
+        fusedMean.Backward();
+        var fusedGrads = method.TrainableTensors.Select(t => t.Tensor.Grad!.Clone()).ToList();
+        foreach (var (_, t) in method.TrainableTensors) t.Grad!.Zero_();   // accumulate the reference into zeroed grads
+        var referenceMean = model.LossFromLogits(ids, labels, "mean");
+        referenceMean.Backward();
+
+        Assert.True(RelDiff(fusedMean, referenceMean) < 1e-6, $"{fusedMean.ItemDouble()} vs {referenceMean.ItemDouble()}");
+        for (var i = 0; i < fusedGrads.Count; i++)
+            Assert.True(RelDiff(fusedGrads[i], method.TrainableTensors[i].Tensor.Grad!) < 1e-5, method.TrainableTensors[i].Name);
+        Assert.True(RelDiff(model.Loss(ids, labels, "sum"), model.LossFromLogits(ids, labels, "sum")) < 1e-6);
+    }
+
+    [Theory, MemberData(nameof(Methods))]
+    public void Gradient_checkpointing_gives_the_same_loss_and_gradients(string name)
+    {
+        using var model = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.Float32);
+        using var method = AdapterMethods.Attach(Spec(name), model, seed: 3);
+        TestData.Randomize(method, 4);
+        var ids = Batch();
+        var labels = Labels(ids);
+
+        (double Loss, List<Tensor> Grads) Run(bool checkpoint)
+        {
+            model.GradientCheckpointing = checkpoint;
+            // The same seed before each run: LoRA's dropout masks must be redrawn identically by the recompute.
+            global::FineTune.Worker.Torch.Torch.ManualSeed(77, Dev);
+            using var scope = DisposeScope.Begin();
+            var loss = model.Loss(ids, labels, "mean");
+            loss.Backward();
+            var grads = method.TrainableTensors.Select(t => DisposeScope.Keep(t.Tensor.Grad!.Clone())).ToList();
+            foreach (var (_, t) in method.TrainableTensors) t.Grad!.Zero_();
+            return (loss.ItemDouble(), grads);
+        }
+
+        var plain = Run(false);
+        var recomputed = ActivationCheckpoint.Recomputations;
+        var checkpointed = Run(true);
+        Assert.True(ActivationCheckpoint.Recomputations - recomputed >= model.Config.NumHiddenLayers, "backward did not recompute the layers");
+        Assert.True(Math.Abs(plain.Loss - checkpointed.Loss) <= Tol * Math.Max(1, Math.Abs(plain.Loss)), $"{plain.Loss} vs {checkpointed.Loss}");
+        for (var i = 0; i < plain.Grads.Count; i++)
+        {
+            Assert.True(plain.Grads[i].Abs().Sum().ItemDouble() > 0, $"{method.TrainableTensors[i].Name}: zero gradient");
+            Assert.True(RelDiff(checkpointed.Grads[i], plain.Grads[i]) <= Tol, method.TrainableTensors[i].Name);
+        }
+
+        // Under no-grad (validation) checkpointing is bypassed and the loss is the same.
+        using (DisposeScope.Begin())
+        using (global::FineTune.Worker.Torch.Torch.NoGrad())
+        {
+            global::FineTune.Worker.Torch.Torch.ManualSeed(77, Dev);
+            method.Train(false);
+            var eval = model.Loss(ids, labels, "mean").ItemDouble();
+            model.GradientCheckpointing = false;
+            Assert.Equal(model.Loss(ids, labels, "mean").ItemDouble(), eval, 6);
+            method.Train(true);
+        }
+        foreach (var g in plain.Grads.Concat(checkpointed.Grads)) g.Dispose();
+        ids.Dispose();
+        labels.Dispose();
+    }
+
+    [Fact]
+    public void An_exception_in_a_checkpointed_function_is_a_torch_exception_not_a_crash()
+    {
+        var id = ActivationCheckpoint.Register(_ => throw new InvalidOperationException("layer exploded"));
+        try
+        {
+            using var scope = DisposeScope.Begin();
+            var x = Tensor.Ones([2, 3], device: Dev).RequiresGrad_();
+            var e = Assert.Throws<TorchException>(() => ActivationCheckpoint.Run(id, x));
+            Assert.Contains("layer exploded", e.Message);
+        }
+        finally { ActivationCheckpoint.Unregister(id); }
+    }
+
+    [Fact]
+    public void Checkpointed_function_with_several_inputs_and_outputs_backpropagates_into_inputs_and_captured_leaves()
+    {
+        using var scope = DisposeScope.Begin();
+        using var gen = new Generator(8, Dev);
+        var w = DisposeScope.Keep(Tensor.Randn([3, 3], gen, device: Dev).RequiresGrad_());   // a leaf the function captures
+        var id = ActivationCheckpoint.Register(xs => [(xs[0].MatMul(w) * xs[1]).Tanh(), xs[0].Sum()]);
+        try
+        {
+            var a = Tensor.Randn([4, 3], gen, device: Dev).RequiresGrad_();
+            var b = Tensor.Randn([4, 3], gen, device: Dev);           // no grad: gets none
+            var outs = ActivationCheckpoint.Run(id, a, b);
+            (outs[0].Sum() + outs[1] * 2.0).Backward();
+            var (ga, gw) = (a.Grad!, w.Grad!);
+
+            var a2 = a.Detach().RequiresGrad_();
+            var w2 = w.Detach().RequiresGrad_();
+            ((a2.MatMul(w2) * b).Tanh().Sum() + a2.Sum() * 2.0).Backward();
+            Assert.True(RelDiff(ga, a2.Grad!) < 1e-6);
+            Assert.True(RelDiff(gw, w2.Grad!) < 1e-6);
+            Assert.Null(b.Grad);
+        }
+        finally
+        {
+            ActivationCheckpoint.Unregister(id);
+            w.Dispose();
+        }
+    }
+
+    [Fact]
+    public void Grouped_query_attention_equals_attention_over_repeated_kv_heads()
+    {
+        using var scope = DisposeScope.Begin();
+        using var gen = new Generator(6, Dev);
+        long b = 2, h = 6, hkv = 2, t = 5, d = 4;
+        var q = Tensor.Randn([b, h, t, d], gen, device: Dev);
+        var k = Tensor.Randn([b, hkv, t, d], gen, device: Dev);
+        var v = Tensor.Randn([b, hkv, t, d], gen, device: Dev);
+        // HF repeat_kv: query head i uses kv head i / (h / hkv).
+        Tensor Repeat(Tensor x) => x.Unsqueeze(2).Expand(b, hkv, h / hkv, t, d).Reshape(b, h, t, d);
+        var expected = F.ScaledDotProductAttention(q, Repeat(k), Repeat(v), isCausal: true);
+        Assert.True(RelDiff(F.GroupedQueryAttention(q, k, v, isCausal: true), expected) < 1e-5);
+        Assert.Throws<TorchException>(() => F.GroupedQueryAttention(q, Tensor.Randn([b, 4, t, d], device: Dev), Tensor.Randn([b, 4, t, d], device: Dev)));
+    }
+
+    [Fact]
+    public async Task Bf16_adapters_train_and_are_saved_in_bf16()
+    {
+        var hyper = new Hyperparameters { BatchSize = 8, LearningRate = 1e-2, MaxSteps = 12, Scheduler = "constant", MaxSeqLength = 64, AdapterDtype = "bf16" };
+        var spec = new TrainingSpec(TestData.TinyModelDir, new ByteTokenizer(), TestData.TextSet(), null,
+            new LoraMethod { R = 8, Alpha = 16, TargetModules = MethodSpec.AllModules }, hyper, Dev, ScalarType.Float32,
+            TestData.TempDir("ckpt"), null, TestData.TempDir("out"), LogEvery: 4, CheckpointEvery: 1000);
+        var metrics = new List<TrainingMetrics>();
+        var result = await new Trainer().RunAsync(spec, new MetricsRecorder(metrics), TestContext.Current.CancellationToken);
+        Assert.True(result.FinalLoss < metrics[0].Loss, $"loss {metrics[0].Loss} -> {result.FinalLoss}");
+        var saved = Safetensors.Load(Path.Combine(spec.OutputDir, "adapter_model.safetensors"));
+        Assert.NotEmpty(saved);
+        Assert.All(saved.Values, t => Assert.Equal(ScalarType.BFloat16, t.DType));
+        foreach (var t in saved.Values) t.Dispose();
+    }
+
+    [Fact]
+    public void Set_adapter_precision_changes_the_tensors_in_place_and_rejects_unknown_names()
+    {
+        using var model = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.Float32);
+        using var method = AdapterMethods.Attach(new LoraMethod { R = 4, Alpha = 8, TargetModules = ["q_proj", "down_proj"] }, model, seed: 1);
+        var before = method.TrainableTensors.Select(t => t.Tensor).ToList();
+        Trainer.SetAdapterPrecision(method, "bf16");
+        Assert.All(method.TrainableTensors, t => Assert.Equal(ScalarType.BFloat16, t.Tensor.DType));
+        Assert.Equal(before, method.TrainableTensors.Select(t => t.Tensor));   // the same objects the layers hold
+        using (DisposeScope.Begin())
+        {
+            var ids = Batch();
+            model.Loss(ids, Labels(ids)).Backward();
+            Assert.All(method.TrainableTensors, t => Assert.Equal(ScalarType.BFloat16, t.Tensor.Grad!.DType));
+        }
+        Assert.Throws<ArgumentException>(() => Trainer.SetAdapterPrecision(method, "fp8"));
+        Assert.Contains(new Hyperparameters { AdapterDtype = "fp8" }.Validate(), e => e.Field == "hyperparameters.adapterDtype");
+    }
+
+    [Fact]
+    public void Async_upload_equals_a_plain_copy_and_device_seeding_matches_global_seeding_on_that_device()
+    {
+        using var scope = DisposeScope.Begin();
+        long[] data = [1, 2, 3, 4, 5, 6];
+        var t = Tensor.FromAsync<long>(data, [2, 3], Dev);
+        Assert.Equal(Dev, t.Device);
+        Assert.Equal(data, t.ToArray<long>());
+
+        global::FineTune.Worker.Torch.Torch.ManualSeed(123);
+        var a = Tensor.Randn([8], device: Dev).ToArray<float>();
+        global::FineTune.Worker.Torch.Torch.ManualSeed(123, Dev);
+        var b = Tensor.Randn([8], device: Dev).ToArray<float>();
+        Assert.Equal(a, b);
+    }
+
+    private sealed class MetricsRecorder(List<TrainingMetrics> metrics) : ITrainingReporter
+    {
+        public ValueTask OnStartedAsync(long totalSteps, long resumedFromStep, CancellationToken ct) => ValueTask.CompletedTask;
+        public ValueTask OnMetricsAsync(TrainingMetrics m, CancellationToken ct) { metrics.Add(m); return ValueTask.CompletedTask; }
+        public ValueTask BeforeCheckpointAsync(long step, CancellationToken ct) => ValueTask.CompletedTask;
+        public ValueTask OnCheckpointAsync(long step, string path, string sha256, long sizeBytes, CancellationToken ct) => ValueTask.CompletedTask;
+    }
+}
