@@ -6,6 +6,7 @@ namespace FineTune.Worker.Tests.Training;
 
 /// <summary>Smoke test of <c>FineTune.Worker bench</c> on the tiny preset: it runs and reports finite numbers and its
 /// table. No timing is asserted (speed is what the benchmark measures, on a quiet machine).</summary>
+[Collection(GlobalGeneratorCollection.Name)]
 public sealed class BenchTests
 {
     [Fact]

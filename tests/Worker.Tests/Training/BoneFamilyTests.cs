@@ -125,7 +125,10 @@ public sealed class BoneFamilyTests
         var dRef = d.Detach().Clone().RequiresGrad_();
         AdapterOps.BatLinear(x, w, null, d, BatGrouping.Row).Square().Sum().Backward();
         F.Linear(x, BatLayer.Adapted(w, dRef, BatGrouping.Row)).Square().Sum().Backward();
-        Assert.True(TestData.MaxAbsDiff(d.Grad!, dRef.Grad!) < 1e-4);
+        // Relative to the gradient's size (entries reach ~1e2): fp32 sums in another order (a multithreaded BLAS on the
+        // GPU host) differ by more than 1e-4 in absolute terms.
+        var scale = dRef.Grad!.Abs().Max().ItemDouble();
+        Assert.True(TestData.MaxAbsDiff(d.Grad!, dRef.Grad!) < 1e-5 * scale, $"{TestData.MaxAbsDiff(d.Grad!, dRef.Grad!)} vs scale {scale}");
     }
 
     [Fact]

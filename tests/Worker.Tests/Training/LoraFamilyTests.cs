@@ -11,6 +11,7 @@ using FineTune.Worker.Training.Model;
 namespace FineTune.Worker.Tests.Training;
 
 /// <summary>LoRA's inits (gaussian, PiSSA, OLoRA), LoRA+, DoRA: the math against PEFT's formulas, files and exports.</summary>
+[Collection(GlobalGeneratorCollection.Name)]
 public sealed class LoraFamilyTests
 {
     private static readonly string[] All = MethodSpec.AllModules;

@@ -9,6 +9,7 @@ using FineTune.Worker.Training.Model;
 
 namespace FineTune.Worker.Tests.Training;
 
+[Collection(GlobalGeneratorCollection.Name)]
 public sealed class MethodTests
 {
     private static readonly string[] All = MethodSpec.AllModules;

@@ -10,6 +10,7 @@ using FineTune.Worker.Training.Model;
 
 namespace FineTune.Worker.Tests.Training;
 
+[Collection(GlobalGeneratorCollection.Name)]
 public sealed class PackingAndSplitTests
 {
     private static readonly ByteTokenizer Tok = new();

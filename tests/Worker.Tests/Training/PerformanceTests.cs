@@ -12,6 +12,7 @@ namespace FineTune.Worker.Tests.Training;
 /// cross-entropy, activation checkpointing, grouped-query attention in the kernel, bf16 adapters, asynchronous
 /// uploads and per-device seeding. Equality checks only; speed is measured by the benchmark, not asserted.
 /// </summary>
+[Collection(GlobalGeneratorCollection.Name)]
 public sealed class PerformanceTests
 {
     private static readonly Device Dev = TestData.Device;

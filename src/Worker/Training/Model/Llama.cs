@@ -188,8 +188,13 @@ public sealed class DecoderLayer : Module
 
     public Tensor Forward(Tensor x, Tensor cos, Tensor sin, Tensor? mask = null)
     {
+        // The layer's intermediates (projections, rotary products, casts, adapter terms, MLP activations) are freed as
+        // soon as the layer is done, as Python's reference counting frees them: autograd holds what backward needs on
+        // its own. Left to the step's scope, every layer's would stay alive through backward (measured on the 1B
+        // benchmark: 58 GB peak for LoRA against PEFT's 36 GB).
+        using var scope = DisposeScope.Begin();
         var h = x + SelfAttn.Forward(InputLayernorm.Forward(x), cos, sin, mask);
-        return h + Mlp.Forward(PostAttentionLayernorm.Forward(h));
+        return (h + Mlp.Forward(PostAttentionLayernorm.Forward(h))).MoveToOuterScope();
     }
 
     private long _checkpointId;
