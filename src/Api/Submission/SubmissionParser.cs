@@ -76,6 +76,7 @@ public sealed partial class SubmissionParser(SubmissionOptions options, ModelRes
 
         foreach (var (f, e) in r.Method.Validate()) Add(f, e);
         foreach (var (f, e) in hp.Validate()) Add(f, e);
+        foreach (var (f, e) in r.Method.ValidateWith(hp)) Add(f, e);
         if (!AdapterNamePattern().IsMatch(r.AdapterName))
             Add("adapterName", "must match ^[a-z0-9][a-z0-9._-]{0,63}$ (lowercase letters, digits, '.', '_', '-')");
         if (!options.Pools.Contains(pool)) Add("pool", $"unknown pool '{pool}'; available: {string.Join(", ", options.Pools)}");

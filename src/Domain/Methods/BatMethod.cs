@@ -13,6 +13,8 @@ namespace FineTune.Domain.Methods;
 [Description("Bat (PEFT MiSS bat): every r x r block of W changes by W_b D + D with a zero-initialised D per output block (col) or input block (row)")]
 public sealed record BatMethod : MethodSpec
 {
+    public override bool SupportsBf16Adapters => true;
+
     public static readonly string[] Groupings = ["col", "row"];
 
     [JsonIgnore] public override string Type => "bat";

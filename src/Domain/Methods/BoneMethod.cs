@@ -12,6 +12,8 @@ namespace FineTune.Domain.Methods;
 [Description("Block-affine adaptation (PEFT MiSS): one block D (r, out) shared by the input's r-chunks; mode mini: D (r, miniR) repeated along out")]
 public sealed record BoneMethod : MethodSpec
 {
+    public override bool SupportsBf16Adapters => true;
+
     public static readonly string[] Modes = ["default", "mini"];
 
     [JsonIgnore] public override string Type => "bone";

@@ -61,6 +61,8 @@ public abstract record LoraFamilyMethod : MethodSpec
 [Description("Low-rank adaptation: dy = s*(x A^T) B^T; the default, loaded by every serving stack. init: default|gaussian|pissa|olora; loraPlusRatio: LoRA+")]
 public sealed record LoraMethod : LoraFamilyMethod
 {
+    public override bool SupportsBf16Adapters => true;
+
     private static readonly string[] AllInits = [InitDefault, InitGaussian, InitPissa, InitOlora];
 
     [JsonIgnore] public override string Type => "lora";

@@ -56,6 +56,18 @@ public abstract record MethodSpec
         yield break;
     }
 
+    /// <summary>Whether the method's layers compute with bf16 adapter tensors (<c>hyperparameters.adapterDtype: bf16</c>);
+    /// the others train fp32 adapters only.</summary>
+    [JsonIgnore] public virtual bool SupportsBf16Adapters => false;
+
+    /// <summary>Errors of the method together with the job's hyperparameters.</summary>
+    public IEnumerable<(string Field, string Error)> ValidateWith(Jobs.Hyperparameters hyper, string prefix = "hyperparameters")
+    {
+        if (hyper.AdapterDtype == "bf16" && !SupportsBf16Adapters)
+            yield return ($"{prefix}.adapterDtype",
+                $"bf16 adapters are supported for {string.Join(", ", Registered.Where(r => Default(r.Type).SupportsBf16Adapters).Select(r => r.Type))}; method '{Type}' trains fp32 adapters");
+    }
+
     /// <summary>Trainable parameters this method adds to one module of shape (out, in).</summary>
     public abstract long TrainableParameters(ModuleShape module);
 

@@ -285,7 +285,7 @@ public sealed class Trainer
 
     private static void Validate(TrainingSpec spec)
     {
-        var errors = spec.Hyper.Validate().Concat(spec.Method.Validate()).Select(e => $"{e.Field}: {e.Error}").ToList();
+        var errors = spec.Hyper.Validate().Concat(spec.Method.Validate()).Concat(spec.Method.ValidateWith(spec.Hyper)).Select(e => $"{e.Field}: {e.Error}").ToList();
         if (spec.LogEvery < 1) errors.Add("logEvery must be positive");
         if (spec.CheckpointEvery < 1) errors.Add("checkpointEvery must be positive");
         if (spec.Train.Count == 0) errors.Add("the training set is empty");

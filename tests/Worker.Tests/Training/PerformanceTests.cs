@@ -202,12 +202,21 @@ public sealed class PerformanceTests
         Assert.Throws<TorchException>(() => F.GroupedQueryAttention(q, Tensor.Randn([b, 4, t, d], device: Dev), Tensor.Randn([b, 4, t, d], device: Dev)));
     }
 
-    [Fact]
-    public async Task Bf16_adapters_train_and_are_saved_in_bf16()
+    public static TheoryData<string> Bf16Methods => new() { "lora", "bone", "bat" };
+
+    [Theory, MemberData(nameof(Bf16Methods))]
+    public async Task Bf16_adapters_train_and_are_saved_in_bf16(string name)
     {
         var hyper = new Hyperparameters { BatchSize = 8, LearningRate = 1e-2, MaxSteps = 12, Scheduler = "constant", MaxSeqLength = 64, AdapterDtype = "bf16" };
+        MethodSpec method = name switch
+        {
+            "lora" => new LoraMethod { R = 8, Alpha = 16, TargetModules = MethodSpec.AllModules },
+            "bone" => new BoneMethod { R = 16, TargetModules = MethodSpec.AllModules },
+            _ => new BatMethod { R = 16, TargetModules = MethodSpec.AllModules },
+        };
+        Assert.True(method.SupportsBf16Adapters);
         var spec = new TrainingSpec(TestData.TinyModelDir, new ByteTokenizer(), TestData.TextSet(), null,
-            new LoraMethod { R = 8, Alpha = 16, TargetModules = MethodSpec.AllModules }, hyper, Dev, ScalarType.Float32,
+            method, hyper, Dev, ScalarType.Float32,
             TestData.TempDir("ckpt"), null, TestData.TempDir("out"), LogEvery: 4, CheckpointEvery: 1000);
         var metrics = new List<TrainingMetrics>();
         var result = await new Trainer().RunAsync(spec, new MetricsRecorder(metrics), TestContext.Current.CancellationToken);

@@ -46,8 +46,9 @@ public sealed class BatLayer : IAdapterLayer, IWholeLinearAdapter
     public Tensor DeltaWeight()
     {
         var w = Base.Weight.Detach().To(ScalarType.Float32);
-        if (Merged) w = Restored(w, D.Detach(), Grouping);
-        return Adapted(w, D.Detach(), Grouping) - w;
+        var d = D.Detach().To(ScalarType.Float32);   // bf16 with adapterDtype bf16
+        if (Merged) w = Restored(w, d, Grouping);
+        return Adapted(w, d, Grouping) - w;
     }
 
     /// <summary>W' for W (out, in) and D, as PEFT computes it: W_b = W.reshape(out/r, r, in/r, r).permute(2, 0, 1, 3),

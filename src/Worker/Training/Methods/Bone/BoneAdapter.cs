@@ -38,12 +38,14 @@ public sealed class BoneLayer : IAdapterLayer
     public Tensor Forward(Tensor x, Tensor baseOutput)
     {
         if (Merged) return baseOutput;
-        var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
+        // The chunk sum reads x in its own dtype and accumulates in D's (fp32 masters, or bf16 with adapterDtype bf16):
+        // no (…, in) copy of x in fp32 per module, only the (…, r) sum.
+        var h = x;
         var inFeatures = h.Size(-1);
         var pad = (R - inFeatures % R) % R;
         if (pad > 0) h = h.Pad([0, pad]);
         long[] chunked = [.. h.Shape[..^1], (inFeatures + pad) / R, R];
-        var delta = h.Reshape(chunked).Sum([-2]).MatMul(D);
+        var delta = h.Reshape(chunked).Sum([-2], false, D.DType).MatMul(D);
         if (MiniR is { } m)
         {
             var tiles = Enumerable.Repeat(1L, delta.Dim).ToArray();
