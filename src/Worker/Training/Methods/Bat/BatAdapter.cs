@@ -96,7 +96,7 @@ public sealed class BatAdapter(BatMethod spec) : AdapterMethodBase(spec)
 
     protected override Tensor MergedWeight(IAdapterLayer layer, Tensor weight, bool merge)
     {
-        var d = ((BatLayer)layer).D.Detach();
+        var d = ((BatLayer)layer).D.Detach().To(ScalarType.Float32);
         return merge ? BatLayer.Adapted(weight, d, Grouping) : BatLayer.Restored(weight, d, Grouping);
     }
 
