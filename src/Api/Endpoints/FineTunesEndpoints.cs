@@ -68,7 +68,7 @@ public static class FineTunesEndpoints
     /// <summary>Submit a fine-tune job.</summary>
     /// <param name="idempotencyKey">Optional client key (at most 200 characters) that makes resubmission safe.</param>
     private static async Task<Results<Accepted<JobDto>, Ok<JobDto>, ProblemHttpResult>> Create(
-        HttpRequest http, ClaimsPrincipal user, SubmissionParser parser, QuotaCheck quotas, FineTuneDbContext db, IJobDispatcher dispatcher,
+        HttpRequest http, ClaimsPrincipal user, SubmissionParser parser, FineTuneDbContext db, IJobDispatcher dispatcher,
         ILoggerFactory loggers, [FromHeader(Name = "Idempotency-Key")] string? idempotencyKey, CancellationToken ct)
     {
         var log = loggers.CreateLogger("FineTune.Api.Submit");
@@ -87,7 +87,7 @@ public static class FineTunesEndpoints
         if (invalid is not null) return Problem(invalid);
         var s = valid!;
         var quota = await db.Tenants.AsNoTracking().SingleAsync(t => t.Id == tenant, ct);
-        if (await quotas.CheckJobAsync(quota, s, ct) is { } tooLarge) return tooLarge;
+        if (QuotaCheck.CheckJob(quota, s) is { } tooLarge) return tooLarge;
         var job = new FineTuneJob
         {
             TenantId = tenant, Model = s.Request.Model, ModelPath = s.ModelPath, TrainingData = s.Request.TrainingData,

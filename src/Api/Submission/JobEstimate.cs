@@ -11,6 +11,9 @@ namespace FineTune.Api.Submission;
 /// </summary>
 public sealed record JobEstimate(long Tokens, double? Seconds)
 {
+    /// <summary>Optimizer steps the job will run (the trainer's count: maxSteps, or epochs over examples or packed rows).</summary>
+    public long Steps { get; init; }
+
     public static JobEstimate For(DatasetSummary training, Hyperparameters hp, bool separateValidation, double? tokensPerSecond)
     {
         var share = separateValidation ? 1.0 : 1.0 - hp.ValidationSplit;
@@ -20,6 +23,6 @@ public sealed record JobEstimate(long Tokens, double? Seconds)
         var rowsPerStep = (double)hp.BatchSize * hp.GradientAccumulationSteps;
         var steps = hp.MaxSteps ?? Math.Max(1, (long)Math.Ceiling(hp.Epochs * rows / rowsPerStep));
         var tokens = (long)Math.Round(steps * rowsPerStep * tokensPerEpoch / rows);
-        return new JobEstimate(tokens, tokensPerSecond is > 0 ? Math.Round(tokens / tokensPerSecond.Value, 1) : null);
+        return new JobEstimate(tokens, tokensPerSecond is > 0 ? Math.Round(tokens / tokensPerSecond.Value, 1) : null) { Steps = steps };
     }
 }

@@ -1,14 +1,11 @@
 using System.Text.RegularExpressions;
 using FineTune.Api.Infrastructure;
 using FineTune.Api.Submission;
-using FineTune.Domain.Datasets;
 using FineTune.Domain.Jobs;
 using FineTune.Domain.Persistence;
 using FineTune.Domain.Tenants;
-using FineTune.Domain.Tokenizers;
 using Microsoft.AspNetCore.Http.HttpResults;
 using Microsoft.EntityFrameworkCore;
-using Microsoft.Extensions.Options;
 
 namespace FineTune.Api.Tenancy;
 
@@ -90,10 +87,10 @@ public sealed record UsageDto(int RunningJobs, int QueuedJobs, int SubmissionsLa
 /// refused with 429 and its current usage. Running jobs are not refused here: the dispatcher starts a job once the
 /// tenant has a running slot free (see FairQueue).
 /// </summary>
-public sealed class QuotaCheck(IOptions<StorageOptions> storage)
+public static class QuotaCheck
 {
     /// <summary>The 422 checks; null when the job fits.</summary>
-    public async Task<ProblemHttpResult?> CheckJobAsync(Tenant t, ValidSubmission s, CancellationToken ct)
+    public static ProblemHttpResult? CheckJob(Tenant t, ValidSubmission s)
     {
         if (t.AllowedPools is { } pools && !pools.Contains(s.Pool))
             return TooLarge("pool", $"the tenant may not use pool '{s.Pool}'; allowed: {string.Join(", ", pools)}", "allowedPools", pools, s.Pool);
@@ -101,39 +98,21 @@ public sealed class QuotaCheck(IOptions<StorageOptions> storage)
             return TooLarge("priority", $"must be at most '{t.MaxPriority}' for this tenant", "maxPriority", t.MaxPriority, s.Priority);
         if (t.MaxDatasetBytes is null && t.MaxStepsPerJob is null && t.MaxTokensPerJob is null) return null;
 
-        var datasets = new List<(string Field, string Path)>();
-        foreach (var (field, reference) in new[] { ("trainingData", s.Request.TrainingData), ("validationData", s.Request.ValidationData) })
-            if (reference is not null && Paths.Confine(reference, storage.Value.EffectiveDataRoots).Path is { } path)
-                datasets.Add((field, path));
+        // The submission's dataset check has read, tokenized and counted the datasets already (local or https), and
+        // its estimate counts steps and tokens the way the trainer will (packing and the validation split included).
         if (t.MaxDatasetBytes is { } maxBytes)
         {
-            var bytes = datasets.Sum(d => new FileInfo(d.Path).Length);
+            var bytes = (s.Training?.Bytes ?? 0) + (s.Validation?.Bytes ?? 0);
             if (bytes > maxBytes)
                 return TooLarge("trainingData", $"the datasets are {bytes} bytes; the tenant's limit is {maxBytes}", "maxDatasetBytes", maxBytes, bytes);
         }
-        if (t.MaxStepsPerJob is null && t.MaxTokensPerJob is null) return null;
-
-        if (datasets.FirstOrDefault(d => d.Field == "trainingData").Path is not { } train) return null; // refused by validation already
+        if (s.Estimate is not { } estimate) return null;   // refused by validation already
         var hp = s.Hyperparameters;
-        DatasetReadResult read;
-        try { read = await Task.Run(() => DatasetReader.Read(train, keepExamples: t.MaxTokensPerJob is not null, cancellationToken: ct), ct); }
-        catch (DatasetException e) { return JsonBody.Unprocessable("trainingData", e.Message); }
-        var steps = JobSize.PlannedSteps(hp, read.ExampleCount);
-        if (t.MaxStepsPerJob is { } maxSteps && steps > maxSteps)
+        if (t.MaxStepsPerJob is { } maxSteps && estimate.Steps > maxSteps)
             return TooLarge(hp.MaxSteps is null ? "hyperparameters.epochs" : "hyperparameters.maxSteps",
-                $"the job plans {steps} optimizer steps; the tenant's limit is {maxSteps}", "maxStepsPerJob", maxSteps, steps);
-        if (t.MaxTokensPerJob is { } maxTokens)
-        {
-            ITokenizer tokenizer;
-            try { tokenizer = TokenizerLoader.Load(s.ModelPath); }
-            catch (Exception e) when (e is TokenizerException or IOException)
-            {
-                return JsonBody.Unprocessable("model", $"its tokenizer cannot be loaded to count the job's tokens: {e.Message}");
-            }
-            var tokens = JobSize.PlannedTokens(hp, read.Examples, tokenizer, steps);
-            if (tokens > maxTokens)
-                return TooLarge("trainingData", $"the job trains on about {tokens} tokens; the tenant's limit is {maxTokens}", "maxTokensPerJob", maxTokens, tokens);
-        }
+                $"the job plans {estimate.Steps} optimizer steps; the tenant's limit is {maxSteps}", "maxStepsPerJob", maxSteps, estimate.Steps);
+        if (t.MaxTokensPerJob is { } maxTokens && estimate.Tokens > maxTokens)
+            return TooLarge("trainingData", $"the job trains on about {estimate.Tokens} tokens; the tenant's limit is {maxTokens}", "maxTokensPerJob", maxTokens, estimate.Tokens);
         return null;
     }
 
@@ -165,29 +144,6 @@ public sealed class QuotaCheck(IOptions<StorageOptions> storage)
     private static ProblemHttpResult TooMany(string detail, string limit, int max, int current, UsageDto usage) =>
         TypedResults.Problem(detail, statusCode: 429, title: "Quota exceeded",
             extensions: new Dictionary<string, object?> { ["quota"] = new { limit, max, current }, ["usage"] = usage });
-}
-
-/// <summary>How big a job is, the way the trainer will count it.</summary>
-public static class JobSize
-{
-    /// <summary>Optimizer steps (the trainer's formula: maxSteps, or ⌈epochs × examples / (batch × accumulation)⌉).</summary>
-    public static long PlannedSteps(Hyperparameters hp, int examples) =>
-        hp.MaxSteps ?? Math.Max(1, (long)Math.Ceiling((double)hp.Epochs * examples / ((long)hp.BatchSize * hp.GradientAccumulationSteps)));
-
-    /// <summary>Tokens the job trains on: each example encoded and cut to maxSeqLength, times the passes the steps
-    /// make over the data (examples that do not encode are left out, as the trainer skips them).</summary>
-    public static long PlannedTokens(Hyperparameters hp, IReadOnlyList<DatasetExample> examples, ITokenizer tokenizer, long steps)
-    {
-        if (examples.Count == 0) return 0;
-        long perEpoch = 0;
-        foreach (var e in examples)
-        {
-            try { perEpoch += ExampleEncoder.Encode(e, tokenizer, hp.MaxSeqLength).Ids.Length; }
-            catch (DatasetEncodingException) { }
-        }
-        var examplesSeen = steps * hp.BatchSize * hp.GradientAccumulationSteps;
-        return (long)Math.Ceiling(perEpoch * (double)examplesSeen / examples.Count);
-    }
 }
 
 /// <summary>Names of tenants, aliases, tags: lowercase, digits and . _ - (tags also :).</summary>
