@@ -9,7 +9,7 @@
 # reported, so the command ends in time and never hangs.
 #
 # Options: --parts build,tests,check,micro,train (default all) --configs A,B,... (training rows, default
-#   lora,bone,bat,lora+gc,lora+bf16,dora,vblora) --warmup N --steps N --seq N --batch N --preset 1b|small
+#   lora,bone,bat,lora+gc,lora+bf16,dora,vblora) --lr X (AdamW, constant; default 1e-3) --warmup N --steps N --seq N --batch N --preset 1b|small
 #   --tests "ARGS" (xunit v3 runner arguments, e.g. "-class FineTune.Worker.Tests.Training.PerformanceTests")
 #   --profile A,B (rows that get one extra step under the kernel profilers, ours and PyTorch's; default lora; "" for none)
 #   --pack DIR (what pack.sh wrote, default .device)  --device cuda:N (default cuda:0; "cpu" only to try the script)
@@ -18,7 +18,7 @@ REPO_ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$REPO_ROOT"
 
 out="" deadline=540 parts="build,tests,check,micro,train" configs="lora,bone,bat,lora+gc,lora+bf16,dora,vblora"
-warmup=3 steps=10 seq=2048 batch=4 preset=1b tests_args="" pack="$REPO_ROOT/.device" profile="lora" device="cuda:0"
+lr=1e-3 warmup=3 steps=10 seq=2048 batch=4 preset=1b tests_args="" pack="$REPO_ROOT/.device" profile="lora" device="cuda:0"
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
     --parts) parts="$2"; shift 2 ;;
     --configs) configs="$2"; shift 2 ;;
     --warmup) warmup="$2"; shift 2 ;;
+    --lr) lr="$2"; shift 2 ;;
     --steps) steps="$2"; shift 2 ;;
     --seq) seq="$2"; shift 2 ;;
     --batch) batch="$2"; shift 2 ;;
@@ -140,7 +141,7 @@ if want train; then
   fi
   peak=$(python3 -c "import json;print(json.load(open('$logs/micro-torch.json'))['matmul_bf16_tflops'])" 2>/dev/null || true)
   peak_args=(); [ -n "$peak" ] && peak_args=(--peak-tflops "$peak")
-  common=(--configs "$configs" --warmup "$warmup" --steps "$steps" --batch "$batch" --seq "$seq" --seed 1234 --lr 1e-3
+  common=(--configs "$configs" --warmup "$warmup" --steps "$steps" --batch "$batch" --seq "$seq" --seed 1234 --lr "$lr"
           --profile "$profile" --profile-dir "$logs/traces")
   model="$work/model-$preset"
   if [ ! -f "$model/model.safetensors" ]; then
