@@ -22,8 +22,9 @@ def main():
     device = device_arg(sys.argv)
     budget = Budget(float(arg(sys.argv, "--budget", "60")))
     fp32_exact()
-    rows, failed = [], False
-    for name in model_order(d for d in os.listdir(models) if os.path.isdir(os.path.join(models, d))):
+    names = model_order(d for d in os.listdir(models) if os.path.isdir(os.path.join(models, d)))
+    rows, failed = [], not names    # no models at all is a failure too (make_models.py's log says why)
+    for name in names:
         d = os.path.join(models, name)
         mine = os.path.join(ours, name, "base.logits.safetensors")
         if budget.spent():

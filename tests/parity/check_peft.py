@@ -338,6 +338,9 @@ def main():
     budget = Budget(float(arg(sys.argv, "--budget", "150")))   # from here: imports and CUDA start are not counted
     results, notes, extra_failure = [], [], False
     names = model_order(d for d in os.listdir(models) if os.path.isdir(os.path.join(models, d)))
+    if not names:
+        notes.append(f"FAIL: no model folders under {models} (make_models.py failed? see its log)")
+        extra_failure = True
     for name in names:
         model_dir, ours_dir = os.path.join(models, name), os.path.join(ours_root, name)
         manifest_path = os.path.join(ours_dir, "manifest.json")

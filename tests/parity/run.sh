@@ -92,7 +92,7 @@ fi
 if [ -d "$WORK/models" ]; then
   step logits 20 120 python3 tests/parity/check_logits.py "$WORK/models" "$WORK/ours" --device "$DEVICE" \
     --markdown "$WORK/logits.md" --budget 60
-  peft_budget=$(( $(left) - 120 )); [ $peft_budget -gt 180 ] && peft_budget=180
+  peft_budget=$(( $(left) - 120 )); [ $peft_budget -gt 180 ] && peft_budget=180; [ $peft_budget -lt 20 ] && peft_budget=20
   step adapters 30 $(( peft_budget + 45 )) python3 tests/parity/check_peft.py "$WORK/models" "$WORK/ours" --device "$DEVICE" \
     --markdown "$WORK/peft.md" --json "$OUTDIR/parity-results.json" --budget "$peft_budget"
 fi
