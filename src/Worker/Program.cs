@@ -11,7 +11,6 @@ if (args is ["bench", ..]) return await FineTune.Worker.Tools.BenchCommand.RunAs
 //   FineTune.Worker make-tiny-model <dir>     a tiny random Llama-style model folder with its byte-level tokenizer
 //   FineTune.Worker make-sample-data <file>   a small prompt/completion JSONL dataset
 //   FineTune.Worker parity ...                our logits and adapters for tests/parity/ (Tools/ParityCommand.cs)
-//   FineTune.Worker parity-cases <dir>        adapters + our logits for scripts/peft_parity.py (PEFT comparison)
 switch (args)
 {
     case ["parity", .. var rest]:
@@ -25,12 +24,8 @@ switch (args)
         SampleData.Write(file);
         Console.WriteLine($"sample dataset written to {Path.GetFullPath(file)}");
         return 0;
-    case ["parity-cases", var dir]:
-        FineTune.Worker.Training.ParityCases.Write(dir);
-        Console.WriteLine($"parity cases written to {Path.GetFullPath(dir)}");
-        return 0;
     case [var verb, ..] when !verb.StartsWith('-'):
-        Console.Error.WriteLine($"unknown command '{verb}'. Commands: make-tiny-model <dir>, make-sample-data <file>, {ParityCommand.Usage}, parity-cases <dir>; no command runs the worker node.");
+        Console.Error.WriteLine($"unknown command '{verb}'. Commands: make-tiny-model <dir>, make-sample-data <file>, {ParityCommand.Usage}; no command runs the worker node.");
         return 2;
 }
 
