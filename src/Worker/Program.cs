@@ -4,7 +4,8 @@ using FineTune.Worker.Training.Model;
 using FineTune.Domain.Tokenizers;
 using FineTune.Worker.Tools;
 
-// FineTune.Worker bench micro|train|all …: benchmarks of the binding and the training step (Tools/BenchCommand.cs).
+// FineTune.Worker bench micro|train|all …: benchmarks of the binding and the training step (Tools/BenchCommand.cs);
+// FineTune.Worker bench compare …: every adapter method at a matched parameter budget (Tools/CompareCommand.cs).
 if (args is ["bench", ..]) return await FineTune.Worker.Tools.BenchCommand.RunAsync(args[1..]);
 
 // Besides running a worker node, the binary makes the demo's inputs (no download needed):

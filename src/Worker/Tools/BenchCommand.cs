@@ -18,7 +18,8 @@ using FineTune.Worker.Training.Model;
 namespace FineTune.Worker.Tools;
 
 /// <summary>
-/// <c>FineTune.Worker bench micro|train|all [options]</c>: benchmarks of the binding and of the training step.
+/// <c>FineTune.Worker bench micro|train|all [options]</c>: benchmarks of the binding and of the training step
+/// (<c>bench compare</c>, the method comparison at a matched parameter budget, is <see cref="CompareCommand"/>).
 /// <list type="bullet">
 /// <item><c>micro</c>: bf16 matmul TFLOP/s on CUDA (warmed, synchronized, rotating inputs), fp32 matmul GFLOP/s on the
 /// CPU, per-op call overhead of small ops (µs per op, the tensor's creation and disposal included).</item>
@@ -35,6 +36,7 @@ public static class BenchCommand
 {
     public const string Usage = """
         usage: FineTune.Worker bench micro|train|all [options]
+               FineTune.Worker bench compare [options]   every method at a matched parameter budget (CompareCommand.cs)
           --device cpu|cuda[:N]      (default: cuda when available, else cpu)
           --json FILE                write the results as JSON
           --md FILE                  write the markdown table
@@ -59,6 +61,7 @@ public static class BenchCommand
 
     public static Task<int> RunAsync(string[] args)
     {
+        if (args is ["compare", .. var rest]) return CompareCommand.RunAsync(rest);
         JsonObject? result = null;
         BenchOptions? options = null;
         try
