@@ -123,37 +123,10 @@ public sealed partial class SubmissionParser(SubmissionOptions options, ModelRes
         }, null);
     }
 
-    /// <summary>Strict deserialization of another request type, with the same field-named errors as a submission.</summary>
-    public static (T? Value, SubmissionError? Error) ReadStrict<T>(byte[] body) where T : class
-    {
-        if (body.Length == 0) return (null, BadRequest("$", "the request body is empty; send a JSON object"));
-        JsonDocument doc;
-        try
-        {
-            doc = JsonDocument.Parse(body);
-        }
-        catch (JsonException e)
-        {
-            return (null, BadRequest("$", $"is not valid JSON: {e.Message}"));
-        }
-        using var _ = doc;
-        try
-        {
-            if (doc.RootElement.ValueKind != JsonValueKind.Object) return (null, BadRequest("$", "must be a JSON object"));
-            var value = doc.Deserialize<T>(DomainJson.Strict);
-            return value is null ? (null, BadRequest("$", "must be a JSON object")) : (value, null);
-        }
-        catch (JsonException e)
-        {
-            return (null, FromJsonException(e));
-        }
-    }
-
-    /// <summary>The idempotency fingerprint: the normalised request (defaults filled in), so formatting does not matter.</summary>
-    public static string Hash(CreateFineTuneRequest r) =>
-        Convert.ToHexStringLower(SHA256.HashData(JsonSerializer.SerializeToUtf8Bytes(r, DomainJson.Options)));
-
-    private static (CreateFineTuneRequest?, SubmissionError?) Deserialize(byte[] body)
+    /// <summary>Strict deserialization of a request body (a submission or another request type), with field-named
+    /// errors; <paramref name="precheck"/> looks at the parsed object first (a submission's method type).</summary>
+    public static (T? Value, SubmissionError? Error) ReadStrict<T>(byte[] body, Func<JsonElement, SubmissionError?>? precheck = null)
+        where T : class
     {
         if (body.Length == 0) return (null, BadRequest("$", "the request body is empty; send a JSON object"));
         JsonDocument doc;
@@ -170,22 +143,33 @@ public sealed partial class SubmissionParser(SubmissionOptions options, ModelRes
         try
         {
             if (doc.RootElement.ValueKind != JsonValueKind.Object) return (null, BadRequest("$", "must be a JSON object"));
-            // The method's type is checked first: an unknown or missing discriminator deserves a message naming it.
-            if (doc.RootElement.TryGetProperty("method", out var method))
-            {
-                if (method.ValueKind != JsonValueKind.Object) return (null, BadRequest("$.method", "must be an object with a \"type\""));
-                if (!method.TryGetProperty("type", out var type) || type.ValueKind != JsonValueKind.String)
-                    return (null, BadRequest("$.method.type", $"is required: one of {string.Join(", ", MethodSpec.KnownTypes)}"));
-                if (!MethodSpec.KnownTypes.Contains(type.GetString()))
-                    return (null, BadRequest("$.method.type", $"unknown method type '{type.GetString()}'; known: {string.Join(", ", MethodSpec.KnownTypes)}"));
-            }
-            var request = doc.Deserialize<CreateFineTuneRequest>(DomainJson.Strict);
-            return request is null ? (null, BadRequest("$", "must be a JSON object")) : (request, null);
+            if (precheck?.Invoke(doc.RootElement) is { } error) return (null, error);
+            var value = doc.Deserialize<T>(DomainJson.Strict);
+            return value is null ? (null, BadRequest("$", "must be a JSON object")) : (value, null);
         }
         catch (JsonException e)
         {
             return (null, FromJsonException(e));
         }
+    }
+
+    /// <summary>The idempotency fingerprint: the normalised request (defaults filled in), so formatting does not matter.</summary>
+    public static string Hash(CreateFineTuneRequest r) =>
+        Convert.ToHexStringLower(SHA256.HashData(JsonSerializer.SerializeToUtf8Bytes(r, DomainJson.Options)));
+
+    private static (CreateFineTuneRequest?, SubmissionError?) Deserialize(byte[] body) =>
+        ReadStrict<CreateFineTuneRequest>(body, CheckMethodType);
+
+    /// <summary>The method's type is checked first: an unknown or missing discriminator deserves a message naming it.</summary>
+    private static SubmissionError? CheckMethodType(JsonElement root)
+    {
+        if (!root.TryGetProperty("method", out var method)) return null;
+        if (method.ValueKind != JsonValueKind.Object) return BadRequest("$.method", "must be an object with a \"type\"");
+        if (!method.TryGetProperty("type", out var type) || type.ValueKind != JsonValueKind.String)
+            return BadRequest("$.method.type", $"is required: one of {string.Join(", ", MethodSpec.KnownTypes)}");
+        if (!MethodSpec.KnownTypes.Contains(type.GetString()))
+            return BadRequest("$.method.type", $"unknown method type '{type.GetString()}'; known: {string.Join(", ", MethodSpec.KnownTypes)}");
+        return null;
     }
 
     /// <summary>Turns System.Text.Json's messages (which name .NET types) into ones about the request's fields.</summary>
