@@ -6,7 +6,7 @@
   python3 tests/bench/peft_bench.py --model DIR --configs lora,lora+gc,bone --init-dir INIT --json out.json
 
 Settings as issue 7 states them: bf16 base weights, adapters fp32 (PEFT's default autocast_adapter_dtype; "+bf16"
-keeps them bf16), sdpa attention, fused AdamW (constant lr, betas 0.9/0.999, eps 1e-8, no weight decay), global-norm
+keeps them bf16; "+mixed" keeps them fp32 under torch.autocast(bf16)), sdpa attention, fused AdamW (constant lr, betas 0.9/0.999, eps 1e-8, no weight decay), global-norm
 clipping at 1.0, every linear of every layer. "+gc": HF gradient checkpointing (non-reentrant).
 With --init-dir (written by our bench), each configuration starts from our initial adapter tensors and our
 per-tensor learning rates, so the two loss curves can be compared step by step.
@@ -135,7 +135,7 @@ def parse_config(label):
     parts = name.split("+")
     return dict(label=label, type=json.loads(explicit)["type"] if explicit else parts[0],
                 options=json.loads(explicit) if explicit else None,
-                bf16="bf16" in parts[1:], gc="gc" in parts[1:])
+                bf16="bf16" in parts[1:], gc="gc" in parts[1:], mixed="mixed" in parts[1:])
 
 
 def peft_config(cfg, init_info):
@@ -216,7 +216,8 @@ def matmul_params(c):
 def run_config(folder, cfg, args, ids_all, peak_flops, deadline):
     import torch
     import peft
-    row = dict(config=cfg["label"], status="ok", note="", adapter_dtype="bf16" if cfg["bf16"] else "fp32", gradient_checkpointing=cfg["gc"])
+    row = dict(config=cfg["label"], status="ok", note="", adapter_dtype="bf16" if cfg["bf16"] else "mixed" if cfg["mixed"] else "fp32",
+               gradient_checkpointing=cfg["gc"])
     init_dir = os.path.join(args.init_dir, cfg["label"].replace("+", "_").replace("=", "_")) if args.init_dir else None
     init_info = None
     if init_dir and os.path.exists(os.path.join(init_dir, "bench_init.json")):
@@ -246,9 +247,17 @@ def run_config(folder, cfg, args, ids_all, peak_flops, deadline):
     losses, timed = [], 0
     start = None
 
+    # "+mixed": fp32 adapters under torch.autocast(bf16), what HF Trainer's bf16=True does: PEFT's counterpart of our
+    # adapterDtype mixed (fp32 tensors and optimizer state, bf16 matmuls).
+    def forward(x):
+        if cfg["mixed"]:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(input_ids=x, labels=x).loss
+        return model(input_ids=x, labels=x).loss
+
     def step(s):
         x = ids[s].pin_memory().to("cuda", non_blocking=True)
-        loss = model(input_ids=x, labels=x).loss
+        loss = forward(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

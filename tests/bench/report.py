@@ -242,7 +242,15 @@ def targets(o, p):
         return f"{r:.2f}x", (r >= threshold if ge else r <= threshold)
 
     v, ok = cmp(tps(o, "lora"), tps(p, "lora"), 1.5)
-    add("LoRA tokens/s >= 1.5x PEFT (first milestone 1.1x)", v, ok)
+    add("LoRA tokens/s >= 1.5x PEFT (first milestone 1.1x), both fp32 adapters and fp32 adapter math", v, ok)
+    # The same fp32 adapter tensors and optimizer state with the adapter matmuls in bf16: ours adapterDtype mixed,
+    # against PEFT's default (what a PEFT user gets) and against PEFT under torch.autocast (HF Trainer's bf16=True).
+    for c, label in (("lora+mixed", "LoRA, fp32 adapters with bf16 math (mixed)"), ("lora+bf16", "LoRA, bf16 adapters")):
+        if c in o:
+            v, ok = cmp(tps(o, c), tps(p, "lora"), 1.5)
+            add(f"{label}, vs PEFT's default fp32 LoRA: tokens/s >= 1.5x", v, ok)
+            v, ok = cmp(tps(o, c), tps(p, c), 1.5)
+            add(f"{label}, vs PEFT {'under torch.autocast' if c.endswith('mixed') else 'with bf16 adapters'}: tokens/s >= 1.5x", v, ok)
     v, ok = cmp(mem(o, "lora"), mem(p, "lora"), 0.8, ge=False)
     add("LoRA peak memory <= 0.8x PEFT", v, ok)
     for m in ("bone", "bat"):
@@ -253,8 +261,15 @@ def targets(o, p):
     for m in ("dora", "vblora"):
         v, ok = cmp(tps(o, m), tps(p, m), 1.3)
         add(f"{m} tokens/s >= 1.3x PEFT", v, ok)
-    mfu = num((o.get("lora") or {}).get("mfu"))
-    add("LoRA MFU >= 45%", pct(mfu), None if mfu is None else mfu >= 0.45)
+        if f"{m}+mixed" in o:
+            v, ok = cmp(tps(o, f"{m}+mixed"), tps(p, m), 1.3)
+            add(f"{m} mixed tokens/s >= 1.3x PEFT's default", v, ok)
+            v, ok = cmp(tps(o, f"{m}+mixed"), tps(p, f"{m}+mixed"), 1.3)
+            add(f"{m} mixed tokens/s >= 1.3x PEFT under torch.autocast", v, ok)
+    for c in ("lora", "lora+mixed", "lora+bf16"):
+        if c in o:
+            mfu = num((o.get(c) or {}).get("mfu"))
+            add(f"MFU >= 45%: {c}", pct(mfu), None if mfu is None else mfu >= 0.45)
     worst = None
     for c in o:
         a, _ = loss_agreement((o.get(c) or {}).get("losses"), (p.get(c) or {}).get("losses"))

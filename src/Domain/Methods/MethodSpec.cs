@@ -60,12 +60,19 @@ public abstract record MethodSpec
     /// the others train fp32 adapters only.</summary>
     [JsonIgnore] public virtual bool SupportsBf16Adapters => false;
 
+    /// <summary>Whether the method's layers run their math in the base's dtype over fp32 adapter tensors
+    /// (<c>hyperparameters.adapterDtype: mixed</c>): every method with bf16 adapters, and some that keep fp32 tensors.</summary>
+    [JsonIgnore] public virtual bool SupportsMixedAdapters => SupportsBf16Adapters;
+
     /// <summary>Errors of the method together with the job's hyperparameters.</summary>
     public IEnumerable<(string Field, string Error)> ValidateWith(Jobs.Hyperparameters hyper, string prefix = "hyperparameters")
     {
         if (hyper.AdapterDtype == "bf16" && !SupportsBf16Adapters)
             yield return ($"{prefix}.adapterDtype",
                 $"bf16 adapters are supported for {string.Join(", ", Registered.Where(r => Default(r.Type).SupportsBf16Adapters).Select(r => r.Type))}; method '{Type}' trains fp32 adapters");
+        if (hyper.AdapterDtype == "mixed" && !SupportsMixedAdapters)
+            yield return ($"{prefix}.adapterDtype",
+                $"mixed precision is supported for {string.Join(", ", Registered.Where(r => Default(r.Type).SupportsMixedAdapters).Select(r => r.Type))}; method '{Type}' computes its adapters in fp32");
     }
 
     /// <summary>Trainable parameters this method adds to one module of shape (out, in).</summary>

@@ -24,6 +24,8 @@ public sealed record VbLoraMethod : MethodSpec
     public const long MaxLogitsPerModule = 1L << 30;
 
     [JsonIgnore] public override string Type => "vblora";
+    /// <summary>The bank and logits stay fp32 (their top-k mix is composed in fp32); the layers' products can run in the base's dtype.</summary>
+    [JsonIgnore] public override bool SupportsMixedAdapters => true;
     /// <summary>Rank of the composed A (r, in) and B (out, r).</summary>
     [DefaultValue(4)] public int R { get; init; } = 4;
     /// <summary>Vectors in the shared bank (h).</summary>

@@ -481,7 +481,7 @@ public sealed record BenchConfig(string Label, string Type, string? OptionsJson,
 
     public string FileName => Label.Replace('+', '_').Replace('=', '_');
 
-    /// <summary><c>name[+gc][+bf16]</c> or <c>label=JSON</c> (JSON with a "type").</summary>
+    /// <summary><c>name[+gc][+bf16|+mixed]</c> or <c>label=JSON</c> (JSON with a "type").</summary>
     public static BenchConfig Parse(string text)
     {
         var eq = text.IndexOf('=');
@@ -506,8 +506,8 @@ public sealed record BenchConfig(string Label, string Type, string? OptionsJson,
         foreach (var p in parts.Skip(1))
         {
             if (p == "gc") gc = true;
-            else if (p is "bf16" or "fp32") dtype = p;
-            else throw new BenchUsageException($"--configs {label}: unknown suffix '+{p}' (known: +gc, +bf16)");
+            else if (p is "bf16" or "fp32" or "mixed") dtype = p;
+            else throw new BenchUsageException($"--configs {label}: unknown suffix '+{p}' (known: +gc, +bf16, +mixed)");
         }
         return (parts[0], dtype, gc);
     }

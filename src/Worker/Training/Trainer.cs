@@ -188,13 +188,17 @@ public sealed class Trainer
 
     /// <summary>
     /// <c>adapterDtype</c>: the methods create fp32 tensors; for bf16 they are converted in place before the optimizer
-    /// sees them (its state then is bf16 too). Layers compute in their tensors' dtype.
+    /// sees them (its state then is bf16 too). Layers compute in their tensors' dtype, except with mixed: fp32 tensors
+    /// and optimizer state, the layers' math in the base's dtype.
     /// </summary>
     public static void SetAdapterPrecision(IAdapterMethod method, string adapterDtype)
     {
+        if (adapterDtype == "mixed" && !method.Spec.SupportsMixedAdapters)
+            throw new ArgumentException($"hyperparameters.adapterDtype: method '{method.Spec.Type}' does not support mixed precision");
+        foreach (var layer in method.Layers.Values) layer.Mixed = adapterDtype == "mixed";
         var dtype = adapterDtype switch
         {
-            "fp32" => ScalarType.Float32,
+            "fp32" or "mixed" => ScalarType.Float32,
             "bf16" => ScalarType.BFloat16,
             _ => throw new ArgumentException($"hyperparameters.adapterDtype: must be one of: {string.Join(", ", Hyperparameters.AdapterDtypes)}"),
         };

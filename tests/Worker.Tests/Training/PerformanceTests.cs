@@ -1,6 +1,7 @@
 using FineTune.Domain.Jobs;
 using FineTune.Domain.Methods;
 using FineTune.Worker.Torch;
+using FineTune.Worker.Torch.Optim;
 using FineTune.Worker.Training;
 using FineTune.Worker.Training.Methods;
 using FineTune.Worker.Training.Model;
@@ -225,6 +226,59 @@ public sealed class PerformanceTests
         Assert.NotEmpty(saved);
         Assert.All(saved.Values, t => Assert.Equal(ScalarType.BFloat16, t.DType));
         foreach (var t in saved.Values) t.Dispose();
+    }
+
+    public static TheoryData<string> MixedMethods => new() { "lora", "bone", "vblora" };
+
+    /// <summary>adapterDtype mixed on a bf16 base: the tensors and their gradients stay fp32, the loss and the gradients
+    /// agree with the fp32 path to bf16's rounding, and the math really ran in bf16 (the results are not the fp32 ones).</summary>
+    [Theory, MemberData(nameof(MixedMethods))]
+    public void Mixed_precision_keeps_fp32_tensors_and_agrees_with_the_fp32_path(string name)
+    {
+        using var model = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.BFloat16);
+        MethodSpec spec = name switch
+        {
+            "lora" => new LoraMethod { R = 4, Alpha = 8, TargetModules = MethodSpec.AllModules },
+            "bone" => new BoneMethod { R = 16, TargetModules = MethodSpec.AllModules },
+            _ => new VbLoraMethod { R = 4, NumVectors = 16, VectorLength = 16, TargetModules = MethodSpec.AllModules },
+        };
+        Assert.True(spec.SupportsMixedAdapters);
+        using var method = AdapterMethods.Attach(spec, model, seed: 3);
+        using (FineTune.Worker.Torch.Torch.NoGrad())
+        {
+            var gen = new Generator(7);
+            // Zero-initialised tensors (LoRA's B, Bone's D) would hide the adapter's own product: fill every tensor.
+            foreach (var (_, t) in method.TrainableTensors)
+            {
+                using var scope = DisposeScope.Begin();
+                t.Copy_(Tensor.Randn(t.Shape, gen).To(Dev) * 0.05);
+            }
+        }
+        (double Loss, List<Tensor> Grads) Run(string dtype)
+        {
+            Trainer.SetAdapterPrecision(method, dtype);
+            using var scope = DisposeScope.Begin();
+            using (var opt = new AdamW([new ParamGroup("all", method.TrainableTensors.Select(t => t.Tensor).ToList(), 1e-3, 0)])) opt.ZeroGrad();
+            method.BeginStep(0);
+            var ids = Batch();
+            var loss = model.Loss(ids, Labels(ids));
+            loss.Backward();
+            method.EndBackward();
+            Assert.All(method.TrainableTensors, t => Assert.Equal(ScalarType.Float32, t.Tensor.DType));
+            Assert.All(method.TrainableTensors, t => Assert.Equal(ScalarType.Float32, t.Tensor.Grad!.DType));
+            return (loss.ItemDouble(), method.TrainableTensors.Select(t => DisposeScope.Keep(t.Tensor.Grad!.Clone())).ToList());
+        }
+        var (fp32Loss, fp32Grads) = Run("fp32");
+        var (mixedLoss, mixedGrads) = Run("mixed");
+        Assert.True(Math.Abs(mixedLoss - fp32Loss) < 2e-2 * Math.Abs(fp32Loss), $"loss {mixedLoss} vs {fp32Loss}");
+        Assert.NotEqual(fp32Loss, mixedLoss);
+        var worst = fp32Grads.Zip(mixedGrads, RelDiff).Max();
+        Assert.True(worst < 0.1, $"gradient relative difference {worst}");
+        Assert.True(fp32Grads.Zip(mixedGrads, RelDiff).Any(d => d > 0), "mixed gradients are bit-identical to fp32's: the mixed path did not run");
+        foreach (var g in fp32Grads.Concat(mixedGrads)) g.Dispose();
+        using var other = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.BFloat16);
+        using var sbora = AdapterMethods.Attach(new SboraMethod { R = 4, TargetModules = ["q_proj"] }, other, seed: 1);
+        Assert.Throws<ArgumentException>(() => Trainer.SetAdapterPrecision(sbora, "mixed"));
     }
 
     [Fact]

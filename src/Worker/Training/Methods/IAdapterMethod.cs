@@ -78,6 +78,10 @@ public interface IAdapterLayer : ILinearAdapter, IDisposable
     Tensor DeltaWeight();
     bool Merged { get; set; }
     bool Training { get; set; }
+    /// <summary><c>adapterDtype: mixed</c>: the layer's math runs in its input's dtype (the base's) over fp32 tensors,
+    /// each cast for its product, so their gradients come back in fp32 through the casts (torch.autocast's arithmetic).
+    /// Layers whose method does not support it ignore it (submission refuses the combination).</summary>
+    bool Mixed { get; set; }
 }
 
 /// <summary>The methods the worker can train, keyed by their <see cref="MethodSpec"/> type.</summary>

@@ -21,6 +21,7 @@ public sealed class BatLayer : IAdapterLayer, IWholeLinearAdapter
     public Tensor D { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
+    public bool Mixed { get; set; }
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors => [(Suffix(Grouping), D)];
 
     /// <summary>PEFT's name for the col block; our own for row, so PEFT never mistakes a row block for its bat.</summary>

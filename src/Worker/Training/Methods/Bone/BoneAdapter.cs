@@ -22,6 +22,7 @@ public sealed class BoneLayer : IAdapterLayer
     public int? MiniR { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
+    public bool Mixed { get; set; }
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors => [("miss_block", D)];
 
     public BoneLayer(Linear linear, int r, int? miniR = null)
@@ -45,7 +46,10 @@ public sealed class BoneLayer : IAdapterLayer
         var pad = (R - inFeatures % R) % R;
         if (pad > 0) h = h.Pad([0, pad]);
         long[] chunked = [.. h.Shape[..^1], (inFeatures + pad) / R, R];
-        var delta = h.Reshape(chunked).Sum([-2], false, D.DType).MatMul(D);
+        var sum = h.Reshape(chunked).Sum([-2], false, D.DType);
+        // mixed: the (…, r) sum is accumulated in fp32 as above, then the product and the (…, out) result are in x's
+        // dtype (D cast for it), so no fp32 (tokens × out) tensor is made.
+        var delta = Mixed && x.DType != D.DType ? sum.To(x.DType).MatMul(D.To(x.DType)) : sum.MatMul(D);
         if (MiniR is { } m)
         {
             var tiles = Enumerable.Repeat(1L, delta.Dim).ToArray();

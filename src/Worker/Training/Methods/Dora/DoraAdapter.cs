@@ -25,6 +25,7 @@ public sealed class DoraLayer : IAdapterLayer
     public double Dropout { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
+    public bool Mixed { get; set; }
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors =>
         [("lora_A.weight", A), ("lora_B.weight", B), ("lora_magnitude_vector", Magnitude)];
 

@@ -8,7 +8,8 @@ using FineTune.Worker.Training.Model;
 namespace FineTune.Worker.Training.Methods.Lora;
 
 /// <summary>LoRA: y = base + s·(dropout(x) Aᵀ) Bᵀ with A (r, in), B (out, r). Adapter tensors are fp32 whatever the
-/// base dtype (as PEFT's autocast_adapter_dtype does), the sum is cast back to the base output's dtype.
+/// base dtype (as PEFT's autocast_adapter_dtype does), the sum is cast back to the base output's dtype; with
+/// adapterDtype mixed the math runs in the base's dtype over the fp32 tensors (<see cref="IAdapterLayer.Mixed"/>).
 /// PiSSA and OLoRA start A, B from factors of W and replace W by the residual W − s·B₀A₀ (as PEFT's pissa_init and
 /// olora_init do), so the model's output at init is unchanged up to rounding; A₀, B₀ are kept for the LoRA export.</summary>
 public sealed class LoraLayer : IAdapterLayer
@@ -23,6 +24,7 @@ public sealed class LoraLayer : IAdapterLayer
     public double Dropout { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
+    public bool Mixed { get; set; }
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors => [("lora_A.weight", A), ("lora_B.weight", B)];
 
     public LoraLayer(Linear linear, int r, double scaling, double dropout, Generator gen, string init = LoraFamilyMethod.InitDefault)
@@ -104,8 +106,14 @@ public sealed class LoraLayer : IAdapterLayer
     public Tensor Forward(Tensor x, Tensor baseOutput)
     {
         if (Merged) return baseOutput;
-        // In the adapter's dtype (fp32 masters by default, bf16 with adapterDtype bf16); the fp32 cast of an input
-        // shared by several modules is made once.
+        // fp32: in the adapter's dtype, the fp32 cast of an input shared by several modules made once. mixed: in x's
+        // dtype with A and B cast for the products (r × in and out × r: small), so the (tokens × features) input and
+        // output are never copied to fp32. bf16: the tensors are bf16 already.
+        if (Mixed && x.DType != A.DType)
+        {
+            var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
+            return baseOutput.Add(F.Linear(F.Linear(hm, A.To(x.DType)), B.To(x.DType)), Scaling);
+        }
         var h = AdapterInput.As(x, A.DType);
         if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
         var y = baseOutput.Add(F.Linear(F.Linear(h, A), B), Scaling);   // base + s·(h Aᵀ) Bᵀ in one kernel

@@ -24,6 +24,7 @@ public sealed class SboraLayer : IAdapterLayer
     public Tensor Index { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
+    public bool Mixed { get; set; }
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors => [(Fa ? "sbora_B.weight" : "sbora_A.weight", Factor)];
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Frozen => [("sbora_idx", Index)];
 

@@ -26,6 +26,7 @@ public sealed class VbLoraLayer : IAdapterLayer
     public double Dropout { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
+    public bool Mixed { get; set; }
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors => [("vblora_logits_A", LogitsA), ("vblora_logits_B", LogitsB)];
 
     // The current step's composed factors: leaves (requires_grad) of shape (n, r, in) / (n, out, r) shared by the
@@ -75,6 +76,12 @@ public sealed class VbLoraLayer : IAdapterLayer
         Tensor a, b;
         if (Step is { } s) (a, b) = (s.A.Select(0, s.IndexA), s.B.Select(0, s.IndexB));
         else (a, b) = Factors();
+        if (Mixed && x.DType != a.DType)
+        {
+            // The factors are composed in fp32 (once per step); only their use is in x's dtype.
+            var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
+            return baseOutput + F.Linear(F.Linear(hm, a.To(x.DType)), b.To(x.DType));
+        }
         var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
         if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
         var y = baseOutput + F.Linear(F.Linear(h, a), b);

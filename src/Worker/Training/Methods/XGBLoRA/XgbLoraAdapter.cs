@@ -21,6 +21,7 @@ public sealed class XgbLoraLayer : IAdapterLayer
     public double Scaling { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
+    public bool Mixed { get; set; }
     /// <summary>XGBLoRA's trainable tensors are the method's booster slots, not the layers'.</summary>
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors => [];
 
