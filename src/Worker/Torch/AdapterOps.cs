@@ -26,4 +26,20 @@ public static class AdapterOps
         GC.KeepAlive(block);
         return r;
     }
+
+    /// <summary>
+    /// y + s·(x Aᵀ) Bᵀ as one autograd node, the GEMM adding into <paramref name="y"/>'s memory: y must be a linear's
+    /// fresh output that nothing else reads afterwards (it is updated in place when it can be, else copied). x and y
+    /// share a dtype; A (r, in) and B (out, r) may be wider (fp32 masters): they are cast for the products and their
+    /// gradients come back in their own dtype.
+    /// </summary>
+    public static Tensor LoraAdd(Tensor y, Tensor x, Tensor a, Tensor b, double scaling)
+    {
+        var r = Tensor.Wrap(Native.ft_lora_add(y.Handle, x.Handle, a.Handle, b.Handle, scaling));
+        GC.KeepAlive(y);
+        GC.KeepAlive(x);
+        GC.KeepAlive(a);
+        GC.KeepAlive(b);
+        return r;
+    }
 }

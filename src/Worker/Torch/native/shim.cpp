@@ -813,6 +813,61 @@ FT_API T ft_bat_linear(T x, T w, T b, T d, int grouping) {
 }
 // ================================================================ end adapter operators (bone-family)
 
+// ---- begin: fused LoRA add ----
+// y + s·(x Aᵀ) Bᵀ as one autograd node, written into y (a linear's fresh output that nothing else holds): the GEMM
+// adds into y (beta = 1) instead of writing the (tokens × out) product and adding it in a second pass, and backward
+// scales the (tokens × r) gradient rather than the (tokens × out) one. The math runs in x's dtype; A and B (fp32
+// masters with adapterDtype mixed) are cast for the products and their gradients come back in their own dtype, as
+// through torch.autocast's casts. Saves x (the base linear keeps it anyway), A, B and the small x Aᵀ.
+namespace {
+struct LoraAdd : public torch::autograd::Function<LoraAdd> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor y, at::Tensor x, at::Tensor a, at::Tensor b,
+                            double s) {
+    const auto cd = x.scalar_type();
+    auto x2 = x.reshape({-1, x.size(-1)});
+    auto t = at::mm(x2, a.to(cd).t());                         // (N, r)
+    y.view({-1, y.size(-1)}).addmm_(t, b.to(cd).t(), 1.0, s);   // y += s·t Bᵀ in the GEMM
+    ctx->mark_dirty({y});
+    ctx->save_for_backward({x, a, b, t});
+    ctx->saved_data["s"] = s;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto& a = saved[1];
+    const auto& b = saved[2];
+    const auto& t = saved[3];
+    const double s = ctx->saved_data["s"].toDouble();
+    const auto cd = x.scalar_type();
+    auto gy = grads[0];
+    auto g2 = gy.to(cd).reshape({-1, gy.size(-1)});
+    auto gt = at::mm(g2, b.to(cd)).mul_(s);                        // (N, r)
+    at::Tensor gx, ga, gb;
+    if (ctx->needs_input_grad(1)) gx = at::mm(gt, a.to(cd)).view(x.sizes());
+    if (ctx->needs_input_grad(2)) ga = at::mm(gt.t(), x.reshape({-1, x.size(-1)})).to(a.scalar_type());
+    if (ctx->needs_input_grad(3)) gb = at::mm(g2.t(), t).mul_(s).to(b.scalar_type());
+    return {gy, gx, ga, gb, at::Tensor()};
+  }
+};
+}  // namespace
+
+// y + s·(x Aᵀ) Bᵀ with y (…, out), x (…, in) in one dtype, A (r, in), B (out, r). y is updated in place when it can be
+// (contiguous, not a view, not a leaf that requires grad); otherwise a copy of it is. Returns the result (a new handle).
+FT_API T ft_lora_add(T y, T x, T a, T b, double s) {
+  FT_TRY(nullptr, {
+    TORCH_CHECK(y->scalar_type() == x->scalar_type(), "lora_add: y and x must share a dtype, got ", y->scalar_type(), " and ", x->scalar_type());
+    TORCH_CHECK(a->dim() == 2 && b->dim() == 2 && a->size(1) == x->size(-1) && b->size(1) == a->size(0) && b->size(0) == y->size(-1),
+                "lora_add: shapes do not chain: y ", y->sizes(), ", x ", x->sizes(), ", A ", a->sizes(), ", B ", b->sizes());
+    at::Tensor target = *y;
+    if (!target.is_contiguous() || target.is_view() || (target.is_leaf() && target.requires_grad()))
+      target = target.clone(at::MemoryFormat::Contiguous);
+    return wrap(LoraAdd::apply(target, *x, *a, *b, s));
+  })
+}
+// ---- end: fused LoRA add ----
+
 // ================================================================ gpu-perf: training-path performance
 // (device pinning, per-device seeding, pinned async uploads, fused linear + cross-entropy, activation checkpointing)
 

@@ -109,11 +109,10 @@ public sealed class LoraLayer : IAdapterLayer
         // fp32: in the adapter's dtype, the fp32 cast of an input shared by several modules made once. mixed: in x's
         // dtype with A and B cast for the products (r × in and out × r: small), so the (tokens × features) input and
         // output are never copied to fp32. bf16: the tensors are bf16 already.
-        if (Mixed && x.DType != A.DType)
-        {
-            var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
-            return baseOutput.Add(F.Linear(F.Linear(hm, A.To(x.DType)), B.To(x.DType)), Scaling);
-        }
+        // Whenever the math runs in x's dtype (mixed, bf16 adapters, an fp32 base) it is one fused node that adds into
+        // the base output (nothing else reads it: Linear.Forward hands it over).
+        if ((Mixed || x.DType == A.DType) && baseOutput.DType == x.DType)
+            return AdapterOps.LoraAdd(baseOutput, Dropout > 0 ? F.Dropout(x, Dropout, Training) : x, A, B, Scaling);
         var h = AdapterInput.As(x, A.DType);
         if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
         var y = baseOutput.Add(F.Linear(F.Linear(h, A), B), Scaling);   // base + s·(h Aᵀ) Bᵀ in one kernel
