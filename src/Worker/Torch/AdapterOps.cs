@@ -28,16 +28,17 @@ public static class AdapterOps
     }
 
     /// <summary>
-    /// y + s·(x Aᵀ) Bᵀ as one autograd node, the GEMM adding into <paramref name="y"/>'s memory: y must be a linear's
-    /// fresh output that nothing else reads afterwards (it is updated in place when it can be, else copied). x and y
+    /// y = x Wᵀ + b + s·(x Aᵀ) Bᵀ as one autograd node over a frozen W: the LoRA GEMM adds into the base output, and in
+    /// backward the adapter's share of x's gradient is added inside the GEMM (no separate tensors or sums). x and W
     /// share a dtype; A (r, in) and B (out, r) may be wider (fp32 masters): they are cast for the products and their
     /// gradients come back in their own dtype.
     /// </summary>
-    public static Tensor LoraAdd(Tensor y, Tensor x, Tensor a, Tensor b, double scaling)
+    public static Tensor LoraLinear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, double scaling)
     {
-        var r = Tensor.Wrap(Native.ft_lora_add(y.Handle, x.Handle, a.Handle, b.Handle, scaling));
-        GC.KeepAlive(y);
+        var r = Tensor.Wrap(Native.ft_lora_linear(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero, a.Handle, b.Handle, scaling));
         GC.KeepAlive(x);
+        GC.KeepAlive(weight);
+        GC.KeepAlive(bias);
         GC.KeepAlive(a);
         GC.KeepAlive(b);
         return r;

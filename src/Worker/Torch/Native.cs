@@ -134,7 +134,7 @@ internal static unsafe class Native
 
     // ---- adapter operators (bone-family): AdapterOps.cs
     [DllImport(Lib)] internal static extern IntPtr ft_bat_linear(IntPtr x, IntPtr w, IntPtr b, IntPtr d, int grouping);
-    [DllImport(Lib)] internal static extern IntPtr ft_lora_add(IntPtr y, IntPtr x, IntPtr a, IntPtr b, double s);
+    [DllImport(Lib)] internal static extern IntPtr ft_lora_linear(IntPtr x, IntPtr w, IntPtr b, IntPtr a, IntPtr bm, double s);
     // ---- end adapter operators (bone-family)
     // ---------------------------------------------------------------- gpu-perf: training-path performance
     [DllImport(Lib)] internal static extern int ft_cuda_set_device(int index);

@@ -228,13 +228,14 @@ public sealed class PerformanceTests
         foreach (var t in saved.Values) t.Dispose();
     }
 
-    /// <summary>The fused LoRA add (one node, the GEMM adding into the base output) against the composed ops: values
-    /// and the gradients of x, A and B; fp32 throughout, bf16 math over fp32 masters, and all-bf16.</summary>
+    /// <summary>The fused LoRA linear (one node: the LoRA GEMM adds into the base output, and x's gradient gets the
+    /// adapter's share inside a GEMM) against the composed ops: values and the gradients of x, A and B; fp32
+    /// throughout, bf16 math over fp32 masters, and all-bf16.</summary>
     [Theory]
     [InlineData(ScalarType.Float32, ScalarType.Float32, 1e-5)]
     [InlineData(ScalarType.BFloat16, ScalarType.Float32, 2e-2)]
     [InlineData(ScalarType.BFloat16, ScalarType.BFloat16, 2e-2)]
-    public void Fused_lora_add_equals_the_composed_ops(ScalarType compute, ScalarType adapter, double tol)
+    public void Fused_lora_linear_equals_the_composed_ops(ScalarType compute, ScalarType adapter, double tol)
     {
         using var scope = DisposeScope.Begin();
         var gen = new Generator(11);
@@ -242,16 +243,16 @@ public sealed class PerformanceTests
         var x0 = Tensor.Randn([2, 5, 16], gen).To(Dev, compute);
         var a0 = (Tensor.Randn([4, 16], gen) * 0.3).To(Dev, adapter);
         var b0 = (Tensor.Randn([24, 4], gen) * 0.3).To(Dev, adapter);
+        var bias = Tensor.Randn([24], gen).To(Dev, compute);
         var upstream = Tensor.Randn([2, 5, 24], gen).To(Dev, compute);
         (Tensor Y, Tensor Gx, Tensor Ga, Tensor Gb) Run(bool fused)
         {
             var x = x0.Clone().RequiresGrad_();
             var a = a0.Clone().RequiresGrad_();
             var b = b0.Clone().RequiresGrad_();
-            var baseOut = F.Linear(x, w);
             var y = fused
-                ? AdapterOps.LoraAdd(baseOut, x, a, b, 1.5)
-                : baseOut + F.Linear(F.Linear(x, a.To(compute)), b.To(compute)) * 1.5;
+                ? AdapterOps.LoraLinear(x, w, bias, a, b, 1.5)
+                : F.Linear(x, w, bias) + F.Linear(F.Linear(x, a.To(compute)), b.To(compute)) * 1.5;
             (y * upstream).Sum().Backward();
             return (y.Detach(), x.Grad!, a.Grad!, b.Grad!);
         }
@@ -265,7 +266,8 @@ public sealed class PerformanceTests
         Assert.True(RelDiff(fga, ega) < tol, $"dA {RelDiff(fga, ega)}");
         Assert.True(RelDiff(fgb, egb) < tol, $"dB {RelDiff(fgb, egb)}");
         // Mismatched shapes are an error, not a crash.
-        Assert.Throws<TorchException>(() => AdapterOps.LoraAdd(F.Linear(x0, w), x0, a0.To(compute), Tensor.Zeros([23, 4], compute, Dev), 1.0));
+        Assert.Throws<TorchException>(() => AdapterOps.LoraLinear(x0, w, null, a0, Tensor.Zeros([23, 4], adapter, Dev), 1.0));
+        Assert.Throws<TorchException>(() => AdapterOps.LoraLinear(x0, w.Clone().RequiresGrad_(), null, a0, b0, 1.0));
     }
 
     public static TheoryData<string> MixedMethods => new() { "lora", "bone", "vblora" };

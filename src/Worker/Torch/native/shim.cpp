@@ -813,60 +813,69 @@ FT_API T ft_bat_linear(T x, T w, T b, T d, int grouping) {
 }
 // ================================================================ end adapter operators (bone-family)
 
-// ---- begin: fused LoRA add ----
-// y + s·(x Aᵀ) Bᵀ as one autograd node, written into y (a linear's fresh output that nothing else holds): the GEMM
-// adds into y (beta = 1) instead of writing the (tokens × out) product and adding it in a second pass, and backward
-// scales the (tokens × r) gradient rather than the (tokens × out) one. The math runs in x's dtype; A and B (fp32
-// masters with adapterDtype mixed) are cast for the products and their gradients come back in their own dtype, as
-// through torch.autocast's casts. Saves x (the base linear keeps it anyway), A, B and the small x Aᵀ.
+// ---- begin: fused LoRA linear ----
+// y = x Wᵀ + b + s·(x Aᵀ) Bᵀ as one autograd node over a frozen W. Against the composed form (base linear, LoRA
+// product, add) it makes no (tokens × out) LoRA product, since the second GEMM adds into the base output (beta = 1),
+// and in backward no (tokens × in) adapter gradient of x nor autograd's sum of it with the base one: gx = gy W, then
+// gx += (s·gy B) A in the GEMM. The math runs in x's dtype; A and B (fp32 masters with adapterDtype mixed) are cast
+// for the products and their gradients come back in their own dtype, as through torch.autocast's casts.
+// Saves x (the base linear would keep it anyway), W (frozen), A, B and the small (tokens × r) x Aᵀ.
 namespace {
-struct LoraAdd : public torch::autograd::Function<LoraAdd> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor y, at::Tensor x, at::Tensor a, at::Tensor b,
-                            double s) {
+struct LoraLinear : public torch::autograd::Function<LoraLinear> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias,
+                            at::Tensor a, at::Tensor b, double s) {
     const auto cd = x.scalar_type();
+    auto y = bias.has_value() ? at::linear(x, w, bias->to(cd)) : at::linear(x, w);
     auto x2 = x.reshape({-1, x.size(-1)});
-    auto t = at::mm(x2, a.to(cd).t());                         // (N, r)
-    y.view({-1, y.size(-1)}).addmm_(t, b.to(cd).t(), 1.0, s);   // y += s·t Bᵀ in the GEMM
-    ctx->mark_dirty({y});
-    ctx->save_for_backward({x, a, b, t});
+    auto t = at::mm(x2, a.to(cd).t());                                      // (N, r)
+    y.view({-1, y.size(-1)}).addmm_(t, b.to(cd).t(), 1.0, s);                 // y += s·t Bᵀ in the GEMM
+    ctx->save_for_backward({x, w, a, b, t});
     ctx->saved_data["s"] = s;
+    // needs_input_grad counts only the tensors given (the bias may be absent): record what needs a gradient instead.
+    ctx->saved_data["grads"] = static_cast<int64_t>((x.requires_grad() ? 1 : 0) | (a.requires_grad() ? 2 : 0) | (b.requires_grad() ? 4 : 0));
     return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const auto& x = saved[0];
-    const auto& a = saved[1];
-    const auto& b = saved[2];
-    const auto& t = saved[3];
+    const auto& w = saved[1];
+    const auto& a = saved[2];
+    const auto& b = saved[3];
+    const auto& t = saved[4];
     const double s = ctx->saved_data["s"].toDouble();
     const auto cd = x.scalar_type();
-    auto gy = grads[0];
-    auto g2 = gy.to(cd).reshape({-1, gy.size(-1)});
-    auto gt = at::mm(g2, b.to(cd)).mul_(s);                        // (N, r)
+    auto g2 = grads[0].to(cd).reshape({-1, w.size(0)});
+    auto gt = at::mm(g2, b.to(cd)).mul_(s);                                  // (N, r)
+    const int64_t need = ctx->saved_data["grads"].toInt();
     at::Tensor gx, ga, gb;
-    if (ctx->needs_input_grad(1)) gx = at::mm(gt, a.to(cd)).view(x.sizes());
-    if (ctx->needs_input_grad(2)) ga = at::mm(gt.t(), x.reshape({-1, x.size(-1)})).to(a.scalar_type());
-    if (ctx->needs_input_grad(3)) gb = at::mm(g2.t(), t).mul_(s).to(b.scalar_type());
-    return {gy, gx, ga, gb, at::Tensor()};
+    if (need & 1) {
+      gx = at::mm(g2, w);
+      gx.addmm_(gt, a.to(cd));                                               // + s·(gy B) A, in the GEMM
+      gx = gx.view(x.sizes());
+    }
+    if (need & 2) ga = at::mm(gt.t(), x.reshape({-1, x.size(-1)})).to(a.scalar_type());
+    if (need & 4) gb = at::mm(g2.t(), t).mul_(s).to(b.scalar_type());
+    return {gx, at::Tensor(), at::Tensor(), ga, gb, at::Tensor()};
   }
 };
 }  // namespace
 
-// y + s·(x Aᵀ) Bᵀ with y (…, out), x (…, in) in one dtype, A (r, in), B (out, r). y is updated in place when it can be
-// (contiguous, not a view, not a leaf that requires grad); otherwise a copy of it is. Returns the result (a new handle).
-FT_API T ft_lora_add(T y, T x, T a, T b, double s) {
+// y = x Wᵀ + b + s·(x Aᵀ) Bᵀ; x (…, in) and W (out, in) share a dtype, A (r, in) and B (out, r) may be wider; W and b
+// must be frozen; b may be null.
+FT_API T ft_lora_linear(T x, T w, T b, T a, T bm, double s) {
   FT_TRY(nullptr, {
-    TORCH_CHECK(y->scalar_type() == x->scalar_type(), "lora_add: y and x must share a dtype, got ", y->scalar_type(), " and ", x->scalar_type());
-    TORCH_CHECK(a->dim() == 2 && b->dim() == 2 && a->size(1) == x->size(-1) && b->size(1) == a->size(0) && b->size(0) == y->size(-1),
-                "lora_add: shapes do not chain: y ", y->sizes(), ", x ", x->sizes(), ", A ", a->sizes(), ", B ", b->sizes());
-    at::Tensor target = *y;
-    if (!target.is_contiguous() || target.is_view() || (target.is_leaf() && target.requires_grad()))
-      target = target.clone(at::MemoryFormat::Contiguous);
-    return wrap(LoraAdd::apply(target, *x, *a, *b, s));
+    TORCH_CHECK(w->scalar_type() == x->scalar_type(), "lora_linear: x and W must share a dtype, got ", x->scalar_type(), " and ", w->scalar_type());
+    TORCH_CHECK(!w->requires_grad() && !(b && b->requires_grad()), "lora_linear: the base weight and bias must be frozen");
+    TORCH_CHECK(w->dim() == 2 && a->dim() == 2 && bm->dim() == 2 && w->size(1) == x->size(-1) && a->size(1) == w->size(1) &&
+                    bm->size(1) == a->size(0) && bm->size(0) == w->size(0),
+                "lora_linear: shapes do not chain: x ", x->sizes(), ", W ", w->sizes(), ", A ", a->sizes(), ", B ", bm->sizes());
+    c10::optional<at::Tensor> bias;
+    if (b) bias = *b;
+    return wrap(LoraLinear::apply(*x, *w, bias, *a, *bm, s));
   })
 }
-// ---- end: fused LoRA add ----
+// ---- end: fused LoRA linear ----
 
 // ================================================================ gpu-perf: training-path performance
 // (device pinning, per-device seeding, pinned async uploads, fused linear + cross-entropy, activation checkpointing)

@@ -7,8 +7,7 @@ namespace FineTune.Worker.Training.Model;
 // Hugging Face checkpoints exactly, so a state dict loads by name and adapters address modules by their HF path.
 // Base weights are frozen: only adapter tensors (owned by the adapter method) are trained.
 
-/// <summary>What an adapter method plugs into a <see cref="Linear"/>: gets the input and the frozen output, returns the adapted
-/// output. The base output is handed over: the adapter may write into it (LoRA's fused add does), so callers must not read it afterwards.</summary>
+/// <summary>What an adapter method plugs into a <see cref="Linear"/>: gets the input and the frozen output, returns the adapted output.</summary>
 public interface ILinearAdapter
 {
     Tensor Forward(Tensor x, Tensor baseOutput);

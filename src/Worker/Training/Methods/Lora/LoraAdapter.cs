@@ -12,7 +12,7 @@ namespace FineTune.Worker.Training.Methods.Lora;
 /// adapterDtype mixed the math runs in the base's dtype over the fp32 tensors (<see cref="IAdapterLayer.Mixed"/>).
 /// PiSSA and OLoRA start A, B from factors of W and replace W by the residual W − s·B₀A₀ (as PEFT's pissa_init and
 /// olora_init do), so the model's output at init is unchanged up to rounding; A₀, B₀ are kept for the LoRA export.</summary>
-public sealed class LoraLayer : IAdapterLayer
+public sealed class LoraLayer : IAdapterLayer, IWholeLinearAdapter
 {
     public Linear Base { get; }
     public Tensor A { get; }
@@ -103,16 +103,25 @@ public sealed class LoraLayer : IAdapterLayer
         return t.RequiresGrad_();
     }
 
+    /// <summary>Whenever the math runs in x's dtype (mixed, bf16 adapters, an fp32 base) and no dropout applies, base and
+    /// adapter are one fused node (<see cref="AdapterOps.LoraLinear"/>); otherwise null: the base product, then <see cref="Forward"/>.</summary>
+    public Tensor? ForwardWhole(Tensor x)
+    {
+        if (Merged || (Dropout > 0 && Training) || x.DType != Base.Weight.DType || !(Mixed || A.DType == x.DType)) return null;
+        return AdapterOps.LoraLinear(x, Base.Weight, Base.Bias, A, B, Scaling);
+    }
+
     public Tensor Forward(Tensor x, Tensor baseOutput)
     {
         if (Merged) return baseOutput;
         // fp32: in the adapter's dtype, the fp32 cast of an input shared by several modules made once. mixed: in x's
         // dtype with A and B cast for the products (r × in and out × r: small), so the (tokens × features) input and
         // output are never copied to fp32. bf16: the tensors are bf16 already.
-        // Whenever the math runs in x's dtype (mixed, bf16 adapters, an fp32 base) it is one fused node that adds into
-        // the base output (nothing else reads it: Linear.Forward hands it over).
-        if ((Mixed || x.DType == A.DType) && baseOutput.DType == x.DType)
-            return AdapterOps.LoraAdd(baseOutput, Dropout > 0 ? F.Dropout(x, Dropout, Training) : x, A, B, Scaling);
+        if (Mixed && x.DType != A.DType)
+        {
+            var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
+            return baseOutput.Add(F.Linear(F.Linear(hm, A.To(x.DType)), B.To(x.DType)), Scaling);
+        }
         var h = AdapterInput.As(x, A.DType);
         if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
         var y = baseOutput.Add(F.Linear(F.Linear(h, A), B), Scaling);   // base + s·(h Aᵀ) Bᵀ in one kernel
