@@ -74,6 +74,7 @@ public static class BenchCommand
                 ["date_utc"] = DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm", CultureInfo.InvariantCulture),
                 ["machine"] = $"{Environment.MachineName}, {Environment.ProcessorCount} cores, {RuntimeInformation.OSDescription}",
                 ["libtorch"] = Torch.Torch.Version,
+                ["fused_kernels"] = Cuda.FusedKernelsAvailable,   // rotary/SwiGLU as our CUDA kernels, else composite ops
                 ["device"] = o.Device.ToString(),
                 ["command"] = "FineTune.Worker bench " + string.Join(' ', args),
             };

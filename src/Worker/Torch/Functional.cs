@@ -46,6 +46,18 @@ public static class F
     /// <summary>weight · x/√(mean(x²)+eps), computed in fp32 (fp64 for fp64 input) and cast back to x's dtype.</summary>
     public static Tensor RmsNorm(Tensor x, Tensor weight, double eps) => Call(Native.ft_rms_norm(x.Handle, weight.Handle, eps), x, weight);
 
+    /// <summary>
+    /// HF rotary embedding, x·cos + rotate_half(x)·sin with rotate_half(x) = cat(−x₂, x₁) over the halves of D, on x
+    /// (B, T, H, D): the heads-last layout of a projection before its transpose to (B, H, T, D). cos and sin are (T, D),
+    /// or (B, T, D) for per-row positions, in x's dtype, broadcast over H; they get no gradient. One autograd node that
+    /// saves only cos and sin; one kernel each way on CUDA when <see cref="Cuda.FusedKernelsAvailable"/>.
+    /// </summary>
+    public static Tensor Rotary(Tensor x, Tensor cos, Tensor sin) => Call(Native.ft_rotary(x.Handle, cos.Handle, sin.Handle), x, cos, sin);
+
+    /// <summary>silu(gate)·up (the SwiGLU of the Llama MLP), gate and up of one shape and dtype. One autograd node that
+    /// saves gate and up; one kernel each way on CUDA when <see cref="Cuda.FusedKernelsAvailable"/>.</summary>
+    public static Tensor SwiGlu(Tensor gate, Tensor up) => Call(Native.ft_swiglu(gate.Handle, up.Handle), gate, up);
+
     public static Tensor Dropout(Tensor x, double p, bool training) => Call(Native.ft_dropout(x.Handle, p, training ? 1 : 0), x);
 
     private static Tensor Call(IntPtr h, Tensor a, Tensor? b = null, Tensor? c = null, Tensor? d = null)

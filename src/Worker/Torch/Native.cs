@@ -151,4 +151,9 @@ internal static unsafe class Native
     [DllImport(Lib)] internal static extern int ft_checkpoint(long fn, IntPtr* inputs, int n, IntPtr* outputs, int cap);
     [DllImport(Lib)] internal static extern int ft_clip_grad_norm_async(IntPtr* ps, int n, double maxNorm);
     // ---------------------------------------------------------------- end gpu-perf
+    // ---- fused elementwise ops (rotary, SwiGLU)
+    [DllImport(Lib)] internal static extern int ft_fused_kernels_available();
+    [DllImport(Lib)] internal static extern IntPtr ft_rotary(IntPtr x, IntPtr cos, IntPtr sin);
+    [DllImport(Lib)] internal static extern IntPtr ft_swiglu(IntPtr gate, IntPtr up);
+    // ---- end fused elementwise ops
 }

@@ -76,6 +76,8 @@ public sealed class Rotary
         return (emb.Cos().To(dtype), emb.Sin().To(dtype));
     }
 
+    /// <summary>The reference formula on x (B, H, T, D) with cos, sin broadcastable to it ((T, D) or (B, 1, T, D)):
+    /// what <see cref="F.Rotary"/> computes as one fused node, and what the tests check it against.</summary>
     public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
     {
         var half = x.Size(-1) / 2;
@@ -141,11 +143,11 @@ public sealed class Attention : Module
     public Tensor Forward(Tensor x, Tensor cos, Tensor sin, Tensor? mask = null)
     {
         long b = x.Size(0), t = x.Size(1);
-        var q = QProj.Forward(x).View(b, t, _heads, _headDim).Transpose(1, 2);
-        var k = KProj.Forward(x).View(b, t, _kvHeads, _headDim).Transpose(1, 2);
+        // Rotary on the contiguous (B, T, H, D) projections, before the transpose to (B, H, T, D): one fused node
+        // (Rotary.Apply is its reference).
+        var q = F.Rotary(QProj.Forward(x).View(b, t, _heads, _headDim), cos, sin).Transpose(1, 2);
+        var k = F.Rotary(KProj.Forward(x).View(b, t, _kvHeads, _headDim), cos, sin).Transpose(1, 2);
         var v = VProj.Forward(x).View(b, t, _kvHeads, _headDim).Transpose(1, 2);
-        q = Rotary.Apply(q, cos, sin);
-        k = Rotary.Apply(k, cos, sin);
         // Grouped-query attention (each kv head serves heads/kvHeads query heads, HF repeat_kv) inside the fused kernel
         // where libtorch has it, so the repeated k and v are never materialised. Unpacked batches are right-padded, so
         // causal alone keeps a real token from seeing a pad (pads come after it; their labels are -100); packed rows
@@ -168,7 +170,8 @@ public sealed class Mlp : Module
         DownProj = RegisterModule("down_proj", w.Linear($"{p}.down_proj", c.MlpBias));
     }
 
-    public Tensor Forward(Tensor x) => DownProj.Forward(GateProj.Forward(x).Silu() * UpProj.Forward(x));
+    // F.SwiGlu is silu(gate)·up as one node (one kernel each way on CUDA).
+    public Tensor Forward(Tensor x) => DownProj.Forward(F.SwiGlu(GateProj.Forward(x), UpProj.Forward(x)));
 }
 
 public sealed class DecoderLayer : Module
@@ -306,9 +309,9 @@ public sealed class Llama : Module
         var (cos, sin) = RopeTables(ids.Size(1), x.DType);
         if (positions is not null)
         {
-            // Per-token rotary angles (B, 1, T, headDim): each packed example starts again at position 0.
-            cos = F.Embedding(cos, positions).Unsqueeze(1);
-            sin = F.Embedding(sin, positions).Unsqueeze(1);
+            // Per-token rotary angles (B, T, headDim): each packed example starts again at position 0.
+            cos = F.Embedding(cos, positions);
+            sin = F.Embedding(sin, positions);
         }
         var checkpoint = GradientCheckpointing && Torch.Torch.IsGradEnabled;
         for (var i = 0; i < Model.Layers.Count; i++)

@@ -1,0 +1,35 @@
+// C interface of fused_kernels.cu (plain CUDA, no torch headers): launchers over raw device pointers of contiguous
+// tensors, enqueued on the caller's stream. Each returns 0 or an error code for ft_fused_error_string. Only compiled
+// when CMake finds nvcc next to a CUDA libtorch (FT_CUDA_KERNELS); shim.cpp maps at::ScalarType to the codes below.
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// cudaStream_t is `struct CUstream_st*`; spelled out so that this header needs no CUDA header.
+typedef struct CUstream_st* ft_stream_t;
+
+enum { FT_FUSED_F32 = 0, FT_FUSED_F16 = 1, FT_FUSED_BF16 = 2 };
+enum { FT_FUSED_OK = 0, FT_FUSED_BAD_DTYPE = -1, FT_FUSED_BAD_SHAPE = -2 };  // > 0: a cudaError_t
+
+// HF rotary on x of (rows, d) with d even, row r using table row (r / heads) % table_rows of cos/sin (table_rows, d):
+// for x (B, T, H, D) that is cos (T, D) (table_rows = T) or per-batch cos (B, T, D) (table_rows = B·T).
+// backward = 0: out = x·cos + rotate_half(x)·sin; backward = 1: out = x·cos + rotate_halfᵀ(x·sin) (x is the
+// upstream gradient then). out may not alias x.
+int ft_fused_rotary(const void* x, const void* cos, const void* sin, void* out, int64_t rows, int64_t d, int64_t heads,
+                    int64_t table_rows, int backward, int dtype, ft_stream_t stream);
+
+// y = silu(gate)·up over n elements.
+int ft_fused_swiglu_forward(const void* gate, const void* up, void* y, int64_t n, int dtype, ft_stream_t stream);
+
+// d_gate = dy·up·s·(1 + gate·(1 − s)), d_up = dy·gate·s with s = sigmoid(gate), over n elements.
+int ft_fused_swiglu_backward(const void* dy, const void* gate, const void* up, void* d_gate, void* d_up, int64_t n,
+                             int dtype, ft_stream_t stream);
+
+const char* ft_fused_error_string(int code);
+
+#ifdef __cplusplus
+}
+#endif
