@@ -11,9 +11,19 @@ torch_prefix="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')"
 torch_lib="$(python3 -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')"
 if [ ! -f "$work/native/libfinetune_torch.so" ]; then
   gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
-  cmake -S "$REPO_ROOT/src/Worker/Torch/native" -B "$work/cmake" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DTorch_DIR="$torch_prefix/Torch" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$work/native" >&2
-  cmake --build "$work/cmake" -j "$(nproc)" >&2
+  # The fused CUDA kernels need nvcc: CMake looks on PATH and in CUDACXX; CUDA images keep it in /usr/local/cuda.
+  if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDACXX=/usr/local/cuda/bin/nvcc; fi
+  configure() {
+    cmake -S "$REPO_ROOT/src/Worker/Torch/native" -B "$work/cmake" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
+      -DTorch_DIR="$torch_prefix/Torch" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$work/native" \
+      -DCMAKE_CUDA_ARCHITECTURES="${FINETUNE_CUDA_ARCHS:-90}" "$@" >&2
+  }
+  # If the kernels do not compile on this host, the shim is built without them (composite ops) rather than not at all.
+  if ! { configure && cmake --build "$work/cmake" -j "$(nproc)" >&2; }; then
+    echo "run.sh: the build with the fused CUDA kernels failed; building without them (FT_CUDA_KERNELS=OFF)" >&2
+    rm -rf "$work/cmake"
+    configure -DFT_CUDA_KERNELS=OFF && cmake --build "$work/cmake" -j "$(nproc)" >&2
+  fi
 fi
 pack="${FINETUNE_GPU_PACK:-$REPO_ROOT/.device}"
 if [ ! -x "$work/dotnet/dotnet" ]; then
