@@ -14,6 +14,8 @@ public sealed record DoraMethod : LoraFamilyMethod
     private static readonly string[] DoraInits = [InitDefault, InitGaussian];
 
     [JsonIgnore] public override string Type => "dora";
+    /// <summary>fp32 A, B and magnitude; with mixed, the module's products run in the base's dtype.</summary>
+    [JsonIgnore] public override bool SupportsMixedAdapters => true;
     [JsonIgnore] public override IReadOnlyList<string> Inits => DoraInits;
 
     /// <summary>LoRA's r·(in + out) plus the magnitude vector (out).</summary>

@@ -270,7 +270,7 @@ public sealed class PerformanceTests
         Assert.Throws<TorchException>(() => AdapterOps.LoraLinear(x0, w.Clone().RequiresGrad_(), null, a0, b0, 1.0));
     }
 
-    public static TheoryData<string> MixedMethods => new() { "lora", "bone", "vblora" };
+    public static TheoryData<string> MixedMethods => new() { "lora", "dora", "bone", "vblora" };
 
     /// <summary>adapterDtype mixed on a bf16 base: the tensors and their gradients stay fp32, the loss and the gradients
     /// agree with the fp32 path to bf16's rounding, and the math really ran in bf16 (the results are not the fp32 ones).</summary>
@@ -282,6 +282,7 @@ public sealed class PerformanceTests
         {
             "lora" => new LoraMethod { R = 4, Alpha = 8, TargetModules = MethodSpec.AllModules },
             "bone" => new BoneMethod { R = 16, TargetModules = MethodSpec.AllModules },
+            "dora" => new DoraMethod { R = 4, Alpha = 8, Dropout = 0, TargetModules = MethodSpec.AllModules },
             _ => new VbLoraMethod { R = 4, NumVectors = 16, VectorLength = 16, TargetModules = MethodSpec.AllModules },
         };
         Assert.True(spec.SupportsMixedAdapters);

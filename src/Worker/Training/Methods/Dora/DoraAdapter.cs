@@ -28,7 +28,7 @@ namespace FineTune.Worker.Training.Methods.Dora;
 /// that f multiplies. An fp32 W (the CPU) computes W·Aᵀ in fp32: the two forms then agree to fp32 rounding (test: < 1e-5).
 /// </para>
 /// </summary>
-public sealed class DoraLayer : IAdapterLayer
+public sealed class DoraLayer : IAdapterLayer, IWholeLinearAdapter
 {
     public Linear Base { get; }
     public Tensor A { get; }
@@ -95,6 +95,16 @@ public sealed class DoraLayer : IAdapterLayer
         var bAAt = b.MatMul(a.MatMul(a.T()));                                       // (out, r)
         var cross = (b * (wAt * (2 * Scaling) + bAAt * (Scaling * Scaling))).Sum([1]);
         return (BaseSquaredNorm() + cross).Clamp(0, null).Sqrt().MoveToOuterScope();
+    }
+
+    /// <summary>adapterDtype mixed without dropout: W' x = f·(x Wᵀ + s·(x Aᵀ) Bᵀ), so the whole module is LoRA's fused linear
+    /// node in x's dtype times f (cast to it; m's gradient comes back in fp32 through the cast), plus the bias.
+    /// Otherwise null: the base product, then <see cref="Forward"/> (PEFT's formula, in fp32).</summary>
+    public Tensor? ForwardWhole(Tensor x)
+    {
+        if (!Mixed || Merged || (Dropout > 0 && Training) || x.DType != Base.Weight.DType || x.DType == A.DType) return null;
+        var y = AdapterOps.LoraLinear(x, Base.Weight, null, A, B, Scaling) * (Magnitude / WeightNorm()).To(x.DType);
+        return Base.Bias is null ? y : y + Base.Bias;
     }
 
     public Tensor Forward(Tensor x, Tensor baseOutput)
