@@ -168,7 +168,7 @@ public sealed class SubmitTests(ApiFactory api) : IClassFixture<ApiFactory>
             { "unknown target module", Edit(o => o["method"]!["targetModules"] = new System.Text.Json.Nodes.JsonArray("qkv")), 422, "method.targetModules", "unknown module 'qkv'" },
             { "batch size out of range", Edit(o => o["hyperparameters"]!["batchSize"] = 0), 422, "hyperparameters.batchSize", "between 1 and 1024" },
             { "bad scheduler", Edit(o => o["hyperparameters"]!["scheduler"] = "step"), 422, "hyperparameters.scheduler", "constant, linear, cosine" },
-            { "bad adapter dtype", Edit(o => o["hyperparameters"]!["adapterDtype"] = "fp8"), 422, "hyperparameters.adapterDtype", "fp32, mixed, bf16" },
+            { "bad adapter dtype", Edit(o => o["hyperparameters"]!["adapterDtype"] = "fp8"), 422, "hyperparameters.adapterDtype", "auto, fp32, mixed, bf16" },
             { "r larger than a module", Edit(o => o["method"]!["r"] = 40), 422, "method.r", "module v_proj with shape (32, 64)" },
             { "bad adapter name", Edit(o => o["adapterName"] = "My Adapter!"), 422, "adapterName", "must match" },
             { "adapter name too long", Edit(o => o["adapterName"] = new string('a', 65)), 422, "adapterName", "must match" },

@@ -38,14 +38,16 @@ public sealed record Hyperparameters
     /// <summary>Recompute each decoder layer in backward instead of keeping its activations: much less memory,
     /// about a third more compute.</summary>
     [DefaultValue(false)] public bool GradientCheckpointing { get; init; }
-    /// <summary>Precision of the trained adapter tensors and of their math: fp32 (PEFT's default: fp32 tensors and
-    /// optimizer state, the adapter math in fp32 on a bf16 base), mixed (fp32 tensors and optimizer state, the adapter
-    /// math in the base's dtype, as torch.autocast does: fp32 masters at about bf16's speed) or bf16 (bf16 tensors and
-    /// optimizer state: least memory). On an fp32 base, mixed is fp32.</summary>
-    [DefaultValue("fp32")] public string AdapterDtype { get; init; } = "fp32";
+    /// <summary>Precision of the trained adapter tensors and of their math. auto (default): mixed where the method
+    /// supports it, else fp32. fp32: fp32 tensors and optimizer state and fp32 adapter math on a bf16 base (PEFT's
+    /// default, bit-for-bit its arithmetic). mixed: fp32 tensors and optimizer state, the adapter math in the base's
+    /// dtype, as torch.autocast does (HF Trainer's bf16=True): fp32 masters at bf16's speed. bf16: bf16 tensors and
+    /// optimizer state: least memory. On an fp32 base every choice computes in fp32.</summary>
+    [DefaultValue(AutoAdapterDtype)] public string AdapterDtype { get; init; } = AutoAdapterDtype;
 
+    public const string AutoAdapterDtype = "auto";
     public static readonly string[] Schedulers = ["constant", "linear", "cosine"];
-    public static readonly string[] AdapterDtypes = ["fp32", "mixed", "bf16"];
+    public static readonly string[] AdapterDtypes = [AutoAdapterDtype, "fp32", "mixed", "bf16"];
 
     /// <summary>Field-level errors, keyed by the JSON path of the field (e.g. "hyperparameters.batchSize").</summary>
     public IEnumerable<(string Field, string Error)> Validate(string prefix = "hyperparameters")

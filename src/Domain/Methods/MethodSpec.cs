@@ -64,6 +64,11 @@ public abstract record MethodSpec
     /// (<c>hyperparameters.adapterDtype: mixed</c>): every method with bf16 adapters, and some that keep fp32 tensors.</summary>
     [JsonIgnore] public virtual bool SupportsMixedAdapters => SupportsBf16Adapters;
 
+    /// <summary>The adapter precision a job of this method trains with: <c>auto</c> is mixed where the method supports
+    /// it, else fp32; any other value is itself.</summary>
+    public string EffectiveAdapterDtype(string requested) =>
+        requested == Jobs.Hyperparameters.AutoAdapterDtype ? (SupportsMixedAdapters ? "mixed" : "fp32") : requested;
+
     /// <summary>Errors of the method together with the job's hyperparameters.</summary>
     public IEnumerable<(string Field, string Error)> ValidateWith(Jobs.Hyperparameters hyper, string prefix = "hyperparameters")
     {

@@ -193,6 +193,7 @@ public sealed class Trainer
     /// </summary>
     public static void SetAdapterPrecision(IAdapterMethod method, string adapterDtype)
     {
+        adapterDtype = method.Spec.EffectiveAdapterDtype(adapterDtype);
         if (adapterDtype == "mixed" && !method.Spec.SupportsMixedAdapters)
             throw new ArgumentException($"hyperparameters.adapterDtype: method '{method.Spec.Type}' does not support mixed precision");
         foreach (var layer in method.Layers.Values) layer.Mixed = adapterDtype == "mixed";

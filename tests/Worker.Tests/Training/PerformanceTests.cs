@@ -325,6 +325,27 @@ public sealed class PerformanceTests
     }
 
     [Fact]
+    public void Auto_adapter_precision_is_mixed_where_the_method_supports_it_and_fp32_elsewhere()
+    {
+        Assert.Equal("auto", new Hyperparameters().AdapterDtype);
+        Assert.Equal("mixed", new LoraMethod().EffectiveAdapterDtype("auto"));
+        Assert.Equal("mixed", new DoraMethod().EffectiveAdapterDtype("auto"));
+        Assert.Equal("fp32", new SboraMethod().EffectiveAdapterDtype("auto"));
+        Assert.Equal("bf16", new LoraMethod().EffectiveAdapterDtype("bf16"));
+        Assert.Empty(new SboraMethod().ValidateWith(new Hyperparameters()));
+        Assert.NotEmpty(new SboraMethod().ValidateWith(new Hyperparameters { AdapterDtype = "mixed" }));
+        using var model = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.Float32);
+        using var lora = AdapterMethods.Attach(new LoraMethod { R = 4, Alpha = 8, TargetModules = ["q_proj"] }, model, seed: 1);
+        Trainer.SetAdapterPrecision(lora, "auto");
+        Assert.All(lora.Layers.Values, l => Assert.True(l.Mixed));
+        Assert.All(lora.TrainableTensors, t => Assert.Equal(ScalarType.Float32, t.Tensor.DType));
+        using var other = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.Float32);
+        using var sbora = AdapterMethods.Attach(new SboraMethod { R = 4, TargetModules = ["q_proj"] }, other, seed: 1);
+        Trainer.SetAdapterPrecision(sbora, "auto");
+        Assert.All(sbora.Layers.Values, l => Assert.False(l.Mixed));
+    }
+
+    [Fact]
     public void Set_adapter_precision_changes_the_tensors_in_place_and_rejects_unknown_names()
     {
         using var model = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.Float32);
