@@ -13,7 +13,7 @@ namespace FineTune.Worker.Training.Methods.Bone;
 /// Mini mode (PEFT <c>init_weights="mini"</c>): D (r, miniR) stands for D.repeat(1, out/miniR); the forward multiplies
 /// by the small D and tiles the (…, miniR) result along the output, so ΔW[o, i] = D[i mod r, o mod miniR].
 /// </summary>
-public sealed class BoneLayer : IAdapterLayer
+public sealed class BoneLayer : IAdapterLayer, IWholeLinearAdapter
 {
     public Linear Base { get; }
     public int R { get; }
@@ -35,6 +35,28 @@ public sealed class BoneLayer : IAdapterLayer
 
     /// <summary>The (r, out) block that D stands for: D itself, or in mini mode D tiled along the output.</summary>
     public Tensor FullBlock() => MiniR is { } m ? D.Repeat(1, Base.OutFeatures / m) : D;
+
+    // The (r, in) one-hot chunk-sum matrix in the compute dtype, made on first use: Σ_k x[.., k·r:(k+1)·r] = x Sᵀ.
+    private Tensor? _chunkSum;
+
+    /// <summary>
+    /// Default mode whenever the math runs in x's dtype (mixed, bf16 adapters, an fp32 base): Bone is LoRA with the
+    /// fixed A = S (the chunk sum, S[k, i] = 1 for i mod r = k) and B = Dᵀ, so the module is LoRA's fused linear node:
+    /// the (…, out) product adds into the base GEMM and x's gradient gets the adapter's share inside a GEMM, where
+    /// the composed form writes a (…, out) delta, adds it, and broadcasts the (…, r) gradient back over x's chunks.
+    /// S gets no gradient. Mini mode (D tiled along the output), and fp32 math on a bf16 base, take <see cref="Forward"/>.
+    /// </summary>
+    public Tensor? ForwardWhole(Tensor x)
+    {
+        if (Merged || MiniR is not null || x.DType != Base.Weight.DType || !(Mixed || D.DType == x.DType)) return null;
+        if (_chunkSum is null || _chunkSum.DType != x.DType)
+        {
+            _chunkSum?.Dispose();
+            using var scope = DisposeScope.Begin();
+            _chunkSum = DisposeScope.Keep(LoraA(R, Base.InFeatures).To(x.Device, x.DType));
+        }
+        return AdapterOps.LoraLinear(x, Base.Weight, Base.Bias, _chunkSum, D.T(), 1.0);
+    }
 
     public Tensor Forward(Tensor x, Tensor baseOutput)
     {
@@ -75,7 +97,11 @@ public sealed class BoneLayer : IAdapterLayer
         return Tensor.From(a, r, inFeatures);
     }
 
-    public void Dispose() => D.Dispose();
+    public void Dispose()
+    {
+        D.Dispose();
+        _chunkSum?.Dispose();
+    }
 }
 
 public sealed class BoneAdapter(BoneMethod spec) : AdapterMethodBase(spec)
