@@ -9,16 +9,16 @@
 # reported, so the command ends in time and never hangs.
 #
 # Options: --parts build,tests,check,micro,train (default all) --configs A,B,... (training rows, default
-#   lora,bone,bat,lora+gc,lora+bf16,dora,vblora) --lr X (AdamW, constant; default 1e-3) --warmup N --steps N --seq N --batch N --preset 1b|small
+#   lora,lora+mixed,lora+bf16,lora+mixed+gc,dora,dora+mixed,bone,bone+mixed,bat,vblora,vblora+mixed) --lr X (AdamW, constant; default 1e-3) --warmup N --steps N --seq N --batch N --preset 1b|small
 #   --tests "ARGS" (xunit v3 runner arguments, e.g. "-class FineTune.Worker.Tests.Training.PerformanceTests")
-#   --profile A,B (rows that get one extra step under the kernel profilers, ours and PyTorch's; default lora; "" for none)
+#   --profile A,B (rows that get one extra step under the kernel profilers, ours and PyTorch's; default lora+mixed; "" for none)
 #   --pack DIR (what pack.sh wrote, default .device)  --device cuda:N (default cuda:0; "cpu" only to try the script)
 set -uo pipefail
 REPO_ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$REPO_ROOT"
 
-out="" deadline=540 parts="build,tests,check,micro,train" configs="lora,bone,bat,lora+gc,lora+bf16,dora,vblora"
-lr=1e-3 warmup=3 steps=10 seq=2048 batch=4 preset=1b tests_args="" pack="$REPO_ROOT/.device" profile="lora" device="cuda:0"
+out="" deadline=540 parts="build,tests,check,micro,train" configs="lora,lora+mixed,lora+bf16,lora+mixed+gc,dora,dora+mixed,bone,bone+mixed,bat,vblora,vblora+mixed"
+lr=1e-3 warmup=3 steps=10 seq=2048 batch=4 preset=1b tests_args="" pack="$REPO_ROOT/.device" profile="lora+mixed" device="cuda:0"
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;

@@ -325,7 +325,7 @@ def main():
     ap.add_argument("--write-model")
     ap.add_argument("--preset", default="1b", choices=sorted(PRESETS))
     ap.add_argument("--model")
-    ap.add_argument("--configs", default="lora,lora+gc,lora+bf16,dora,bone,bat,vblora")
+    ap.add_argument("--configs", default="lora,lora+mixed,lora+bf16,lora+mixed+gc,dora,dora+mixed,bone,bone+mixed,bat,vblora,vblora+mixed")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)

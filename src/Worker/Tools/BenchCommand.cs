@@ -617,7 +617,7 @@ public sealed class BenchOptions
         BenchModels.Preset(o.Preset);   // validates the name
         o.Batch = batch ?? (cuda ? 4 : 2);
         o.Seq = seq ?? (cuda ? 2048 : 128);
-        o.Configs = (configs ?? (cuda ? "lora,lora+gc,lora+bf16,dora,bone,bat,vblora" : "lora,bone"))
+        o.Configs = (configs ?? (cuda ? "lora,lora+mixed,lora+bf16,lora+mixed+gc,dora,dora+mixed,bone,bone+mixed,bat,vblora,vblora+mixed" : "lora,bone"))
             .Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(BenchConfig.Parse).ToList();
         return o;
     }
