@@ -185,6 +185,38 @@ public sealed class BoneFamilyTests
         for (var k = 0; k < delta.Length; k++) Assert.True(Math.Abs(reference[k] - w[k] - delta[k]) < 1e-6, $"ΔW[{k}]");
     }
 
+    /// <summary>Bone's fused path is LoRA's node with A = the one-hot chunk sum and B = Dᵀ: its output and the gradients
+    /// of D and x equal the composed chunk-sum form, also for an input size r does not divide (10 % 4: padded).</summary>
+    [Fact]
+    public void Bone_as_the_fused_lora_node_equals_the_chunk_sum_form()
+    {
+        using var gen = new Generator(13);
+        var dev = TestData.Device;
+        const int outF = 12, inF = 10, r = 4;
+        using var linear = new Linear(Tensor.Randn([outF, inF], gen).To(dev), null);
+        using var layer = new BoneLayer(linear, r);
+        using (global::FineTune.Worker.Torch.Torch.NoGrad()) layer.D.Copy_(Tensor.Randn([r, outF], gen).To(dev));
+        using var scope = DisposeScope.Begin();
+        var x0 = Tensor.Randn([2, 3, inF], gen).To(dev);
+        var upstream = Tensor.Randn([2, 3, outF], gen).To(dev);
+        (Tensor Y, Tensor Gd, Tensor Gx) Run(bool fused)
+        {
+            var x = x0.Clone().RequiresGrad_();
+            var y = fused
+                ? AdapterOps.LoraLinear(x, linear.Weight, null, BoneLayer.LoraA(r, inF).To(dev), layer.D.T(), 1.0)
+                : layer.Forward(x, F.Linear(x, linear.Weight));
+            (y * upstream).Sum().Backward();
+            var gd = layer.D.Grad!.Clone();
+            using (global::FineTune.Worker.Torch.Torch.NoGrad()) layer.D.Grad!.Zero_();
+            return (y.Detach(), gd, x.Grad!);
+        }
+        var (ey, egd, egx) = Run(fused: false);
+        var (fy, fgd, fgx) = Run(fused: true);
+        Assert.True(TestData.MaxAbsDiff(fy, ey) < 1e-5);
+        Assert.True(TestData.MaxAbsDiff(fgd, egd) < 1e-4);
+        Assert.True(TestData.MaxAbsDiff(fgx, egx) < 1e-5);
+    }
+
     // ------------------------------------------------------------------ artifacts
 
     public static TheoryData<string> Exported => new() { "bone-mini", "bat-col", "bat-row", "sbora-fa", "sbora-fb" };
