@@ -185,7 +185,6 @@ public sealed class SubmitTests(ApiFactory api) : IClassFixture<ApiFactory>
             { "unknown lora init", Edit(o => o["method"]!["init"] = "kaiming"), 422, "method.init", "must be one of: default, gaussian, pissa, olora" },
             { "null lora init", Edit(o => o["method"]!["init"] = null), 400, "method.init", "must not be null" },
             { "bf16 adapters on dora", Edit(o => { o["method"]!["type"] = "dora"; o["hyperparameters"]!["adapterDtype"] = "bf16"; }), 422, "hyperparameters.adapterDtype", "method 'dora' trains fp32 adapters" },
-            { "mixed precision on sbora", Edit(o => { o["method"] = new System.Text.Json.Nodes.JsonObject { ["type"] = "sbora" }; o["hyperparameters"]!["adapterDtype"] = "mixed"; }), 422, "hyperparameters.adapterDtype", "method 'sbora' computes its adapters in fp32" },
             { "lora+ ratio below 1", Edit(o => o["method"]!["loraPlusRatio"] = 0.5), 422, "method.loraPlusRatio", "between 1 and 1000" },
             { "lora+ ratio too large", Edit(o => o["method"]!["loraPlusRatio"] = 5000), 422, "method.loraPlusRatio", "between 1 and 1000" },
             { "lora+ ratio as string", Edit(o => o["method"]!["loraPlusRatio"] = "16"), 400, "method.loraPlusRatio", "must be a number" },

@@ -16,6 +16,8 @@ public sealed record SboraMethod : MethodSpec
     public static readonly string[] Variants = ["fa", "fb"];
 
     [JsonIgnore] public override string Type => "sbora";
+    /// <summary>fp32 tensors; with mixed, the layers' products run in the base's dtype.</summary>
+    [JsonIgnore] public override bool SupportsMixedAdapters => true;
     /// <summary><c>fa</c>: frozen one-hot A, trainable B (changes r columns of W); <c>fb</c>: frozen one-hot B, trainable A (r rows).</summary>
     [DefaultValue("fa")] public string Variant { get; init; } = "fa";
     /// <summary>Number of standard basis vectors (columns for fa, rows for fb).</summary>

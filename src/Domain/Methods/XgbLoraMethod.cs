@@ -20,6 +20,8 @@ public sealed record XgbLoraMethod : MethodSpec
     public const int MaxStepsPerRound = 1_000_000;
 
     [JsonIgnore] public override string Type => "xgblora";
+    /// <summary>fp32 tensors; with mixed, the layers' products run in the base's dtype.</summary>
+    [JsonIgnore] public override bool SupportsMixedAdapters => true;
     /// <summary>Rank of each booster (the paper's point is rank 1).</summary>
     [DefaultValue(1)] public int Rank { get; init; } = 1;
     /// <summary>Decoder layers that get a booster each round (L_s); above the model's layer count means all layers.</summary>

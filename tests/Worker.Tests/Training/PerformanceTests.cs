@@ -270,7 +270,7 @@ public sealed class PerformanceTests
         Assert.Throws<TorchException>(() => AdapterOps.LoraLinear(x0, w.Clone().RequiresGrad_(), null, a0, b0, 1.0));
     }
 
-    public static TheoryData<string> MixedMethods => new() { "lora", "dora", "bone", "vblora" };
+    public static TheoryData<string> MixedMethods => new() { "lora", "dora", "bone", "vblora", "sbora-fa", "sbora-fb", "xgblora" };
 
     /// <summary>adapterDtype mixed on a bf16 base: the tensors and their gradients stay fp32, the loss and the gradients
     /// agree with the fp32 path to bf16's rounding, and the math really ran in bf16 (the results are not the fp32 ones).</summary>
@@ -283,6 +283,10 @@ public sealed class PerformanceTests
             "lora" => new LoraMethod { R = 4, Alpha = 8, TargetModules = MethodSpec.AllModules },
             "bone" => new BoneMethod { R = 16, TargetModules = MethodSpec.AllModules },
             "dora" => new DoraMethod { R = 4, Alpha = 8, Dropout = 0, TargetModules = MethodSpec.AllModules },
+            "sbora-fa" => new SboraMethod { R = 4, Variant = "fa", Dropout = 0, TargetModules = MethodSpec.AllModules },
+            "sbora-fb" => new SboraMethod { R = 4, Variant = "fb", Dropout = 0, TargetModules = MethodSpec.AllModules },
+            // Every layer in the round, so every booster gets a gradient.
+            "xgblora" => new XgbLoraMethod { Rank = 2, LayersPerRound = 64, TargetModules = MethodSpec.AllModules },
             _ => new VbLoraMethod { R = 4, NumVectors = 16, VectorLength = 16, TargetModules = MethodSpec.AllModules },
         };
         Assert.True(spec.SupportsMixedAdapters);
@@ -319,30 +323,26 @@ public sealed class PerformanceTests
         Assert.True(worst < 0.1, $"gradient relative difference {worst}");
         Assert.True(fp32Grads.Zip(mixedGrads, RelDiff).Any(d => d > 0), "mixed gradients are bit-identical to fp32's: the mixed path did not run");
         foreach (var g in fp32Grads.Concat(mixedGrads)) g.Dispose();
-        using var other = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.BFloat16);
-        using var sbora = AdapterMethods.Attach(new SboraMethod { R = 4, TargetModules = ["q_proj"] }, other, seed: 1);
-        Assert.Throws<ArgumentException>(() => Trainer.SetAdapterPrecision(sbora, "mixed"));
     }
 
     [Fact]
-    public void Auto_adapter_precision_is_mixed_where_the_method_supports_it_and_fp32_elsewhere()
+    public void Auto_adapter_precision_is_mixed_where_the_method_supports_it()
     {
         Assert.Equal("auto", new Hyperparameters().AdapterDtype);
         Assert.Equal("mixed", new LoraMethod().EffectiveAdapterDtype("auto"));
         Assert.Equal("mixed", new DoraMethod().EffectiveAdapterDtype("auto"));
-        Assert.Equal("fp32", new SboraMethod().EffectiveAdapterDtype("auto"));
+        Assert.All(MethodSpec.Registered, r => Assert.Equal(MethodSpec.Default(r.Type).SupportsMixedAdapters ? "mixed" : "fp32",
+            MethodSpec.Default(r.Type).EffectiveAdapterDtype("auto")));
         Assert.Equal("bf16", new LoraMethod().EffectiveAdapterDtype("bf16"));
-        Assert.Empty(new SboraMethod().ValidateWith(new Hyperparameters()));
-        Assert.NotEmpty(new SboraMethod().ValidateWith(new Hyperparameters { AdapterDtype = "mixed" }));
+        Assert.All(MethodSpec.Registered, r => Assert.Empty(MethodSpec.Default(r.Type).ValidateWith(new Hyperparameters())));
+        Assert.NotEmpty(new SboraMethod().ValidateWith(new Hyperparameters { AdapterDtype = "bf16" }));
         using var model = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.Float32);
         using var lora = AdapterMethods.Attach(new LoraMethod { R = 4, Alpha = 8, TargetModules = ["q_proj"] }, model, seed: 1);
         Trainer.SetAdapterPrecision(lora, "auto");
         Assert.All(lora.Layers.Values, l => Assert.True(l.Mixed));
         Assert.All(lora.TrainableTensors, t => Assert.Equal(ScalarType.Float32, t.Tensor.DType));
-        using var other = Llama.Load(TestData.TinyModelDir, Dev, ScalarType.Float32);
-        using var sbora = AdapterMethods.Attach(new SboraMethod { R = 4, TargetModules = ["q_proj"] }, other, seed: 1);
-        Trainer.SetAdapterPrecision(sbora, "auto");
-        Assert.All(sbora.Layers.Values, l => Assert.False(l.Mixed));
+        Trainer.SetAdapterPrecision(lora, "fp32");
+        Assert.All(lora.Layers.Values, l => Assert.False(l.Mixed));
     }
 
     [Fact]

@@ -52,6 +52,19 @@ public sealed class SboraLayer : IAdapterLayer
     public Tensor Forward(Tensor x, Tensor baseOutput)
     {
         if (Merged) return baseOutput;
+        if (Mixed && x.DType != Factor.DType && baseOutput.DType == x.DType)
+        {
+            // In x's dtype with the fp32 factor cast for the product; the same selection and scatter as below.
+            var f = Factor.To(x.DType);
+            if (Fa)
+            {
+                var hm = x.IndexSelect(x.Dim - 1, Index);
+                if (Dropout > 0) hm = F.Dropout(hm, Dropout, Training);
+                return baseOutput.Add(F.Linear(hm, f), Scaling);
+            }
+            var xm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
+            return baseOutput.IndexAdd(baseOutput.Dim - 1, Index, F.Linear(xm, f) * Scaling);
+        }
         if (Fa)
         {
             // Selecting before the cast and dropout touches r features, not in; dropping after selecting draws the

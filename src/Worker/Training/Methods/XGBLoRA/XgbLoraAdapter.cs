@@ -41,6 +41,14 @@ public sealed class XgbLoraLayer : IAdapterLayer
         if (Merged) return baseOutput;
         var pending = !MergedInBase && MergedA is not null;
         if (!pending && Booster is null) return baseOutput;
+        if (Mixed && x.DType != ScalarType.Float32 && baseOutput.DType == x.DType)
+        {
+            // The boosters' products in x's dtype over their fp32 tensors (merged ones frozen, the current one trained).
+            var ym = baseOutput;
+            if (pending) ym = ym + F.Linear(F.Linear(x, MergedA!.To(x.DType)), MergedB!.To(x.DType));
+            if (Booster is { } bm) ym = ym.Add(F.Linear(F.Linear(x, bm.A.To(x.DType)), bm.B.To(x.DType)), Scaling);
+            return ym;
+        }
         var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
         var y = baseOutput.DType == ScalarType.Float32 ? baseOutput : baseOutput.To(ScalarType.Float32);
         if (pending) y = y + F.Linear(F.Linear(h, MergedA!), MergedB!);
