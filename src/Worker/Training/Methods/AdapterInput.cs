@@ -22,4 +22,8 @@ public static class AdapterInput
         (_source, _cast) = (x, cast);
         return cast;
     }
+
+    /// <summary>(h Aᵀ) Bᵀ in h's dtype, A and B cast for the products (the composed form of adapterDtype mixed; their
+    /// gradients come back in their own dtype through the casts).</summary>
+    public static Tensor LowRank(Tensor h, Tensor a, Tensor b) => F.Linear(F.Linear(h, a.To(h.DType)), b.To(h.DType));
 }

@@ -120,7 +120,7 @@ public sealed class LoraLayer : IAdapterLayer, IWholeLinearAdapter
         if (Mixed && x.DType != A.DType)
         {
             var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
-            return baseOutput.Add(F.Linear(F.Linear(hm, A.To(x.DType)), B.To(x.DType)), Scaling);
+            return baseOutput.Add(AdapterInput.LowRank(hm, A, B), Scaling);
         }
         var h = AdapterInput.As(x, A.DType);
         if (Dropout > 0) h = F.Dropout(h, Dropout, Training);

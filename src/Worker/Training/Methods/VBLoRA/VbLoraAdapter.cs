@@ -80,7 +80,7 @@ public sealed class VbLoraLayer : IAdapterLayer
         {
             // The factors are composed in fp32 (once per step); only their use is in x's dtype.
             var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
-            return baseOutput + F.Linear(F.Linear(hm, a.To(x.DType)), b.To(x.DType));
+            return baseOutput + AdapterInput.LowRank(hm, a, b);
         }
         var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
         if (Dropout > 0) h = F.Dropout(h, Dropout, Training);

@@ -45,8 +45,8 @@ public sealed class XgbLoraLayer : IAdapterLayer
         {
             // The boosters' products in x's dtype over their fp32 tensors (merged ones frozen, the current one trained).
             var ym = baseOutput;
-            if (pending) ym = ym + F.Linear(F.Linear(x, MergedA!.To(x.DType)), MergedB!.To(x.DType));
-            if (Booster is { } bm) ym = ym.Add(F.Linear(F.Linear(x, bm.A.To(x.DType)), bm.B.To(x.DType)), Scaling);
+            if (pending) ym = ym + AdapterInput.LowRank(x, MergedA!, MergedB!);
+            if (Booster is { } bm) ym = ym.Add(AdapterInput.LowRank(x, bm.A, bm.B), Scaling);
             return ym;
         }
         var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
