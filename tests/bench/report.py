@@ -174,6 +174,56 @@ def kernel_times(path):
     return per
 
 
+def launchers(path, kinds=("elementwise/other", "softmax/loss", "reduction", "copy"), top=16):
+    """Which CPU ops launched the non-GEMM kernels of a Kineto trace: kernel time per (kernel, op chain, input shapes),
+    the chain being the launching op and up to two ops around it on its thread (what a kernel-name table cannot say:
+    a direct_copy may be a cast, a .contiguous() or an autograd accumulation)."""
+    try:
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    except (OSError, ValueError):
+        return []
+    ops = [e for e in events if e.get("ph") == "X" and str(e.get("cat", "")) == "cpu_op"]
+    by_ext, parent = {}, {}
+    threads = {}
+    for i, e in enumerate(ops):
+        ext = (e.get("args") or {}).get("External id")
+        if ext is not None:
+            by_ext[ext] = i
+        threads.setdefault((e.get("pid"), e.get("tid")), []).append(i)
+    for idx in threads.values():
+        idx.sort(key=lambda i: (float(ops[i].get("ts", 0)), -float(ops[i].get("dur", 0))))
+        stack = []
+        for i in idx:
+            ts = float(ops[i].get("ts", 0))
+            while stack and float(ops[stack[-1]].get("ts", 0)) + float(ops[stack[-1]].get("dur", 0)) < ts:
+                stack.pop()
+            parent[i] = stack[-1] if stack else None
+            stack.append(i)
+    per = {}
+    for e in events:
+        if e.get("ph") != "X" or str(e.get("cat", "")).lower() != "kernel":
+            continue
+        name = str(e.get("name", "?"))
+        if kind_of(name) not in kinds:
+            continue
+        i = by_ext.get((e.get("args") or {}).get("External id"))
+        chain, dims = [], ""
+        if i is not None:
+            dims = str((ops[i].get("args") or {}).get("Input Dims", ""))[:60]
+            j = i
+            while j is not None and len(chain) < 3:
+                chain.append(str(ops[j].get("name", "?"))[:40])
+                j = parent.get(j)
+        key = (name[:60], " < ".join(chain) or "?", dims)
+        t, n = per.get(key, (0.0, 0))
+        per[key] = (t + float(e.get("dur", 0)), n + 1)
+    out = []
+    for (name, chain, dims), (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:top]:
+        out.append(f"- {us / 1000:.2f} ms, {n}x `{name}` from `{chain}` {dims}")
+    return out
+
+
 def kind_of(name):
     n = name.lower()
     if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "gemv", "splitk")):
@@ -215,6 +265,9 @@ def profiles(folder):
         lines += ["", "Top kernels (ours):", ""]
         for name, (us, n) in sorted((sides["ours"] or {}).items(), key=lambda kv: -kv[1][0])[:12]:
             lines.append(f"- {us / 1000:.1f} ms, {n}x `{name[:110]}`")
+        launched = launchers(os.path.join(folder, f"{label}-ours.trace.json"))
+        if launched:
+            lines += ["", "Where the non-GEMM kernels come from (ours: kernel, launching op < its callers, input shapes):", ""] + launched
         lines += ["", "Top kernels (PEFT):", ""]
         for name, (us, n) in sorted((sides["peft"] or {}).items(), key=lambda kv: -kv[1][0])[:12]:
             lines.append(f"- {us / 1000:.1f} ms, {n}x `{name[:110]}`")

@@ -43,4 +43,30 @@ public static class AdapterOps
         GC.KeepAlive(b);
         return r;
     }
+
+    /// <summary>Whether <see cref="LoraLinearExact"/> runs on <paramref name="device"/>: CUDA, with the shim's kernels, on
+    /// libtorch ≥ 2.8.</summary>
+    public static bool LoraLinearExactAvailable(Device device)
+    {
+        Native.EnsureLoaded();
+        return Native.ft_lora_linear_exact_available(device.NativeType) != 0;
+    }
+
+    /// <summary>
+    /// The same y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with fp32 adapter math (adapterDtype fp32) over a bf16 base, without fp32
+    /// copies of x or of the upstream gradient: each fp32 operand is split into three bf16 terms that sum to it exactly
+    /// and the GEMMs run on bf16 tensor cores with fp32 outputs, so x Aᵀ and the gradients of A and B are fp32 GEMMs'
+    /// values up to accumulation order; the bf16 output and input gradient carry the adapter's share to ~16 bits before
+    /// their one rounding. x and W bf16 on CUDA, A (r, in) and B (out, r) fp32; see <see cref="LoraLinearExactAvailable"/>.
+    /// </summary>
+    public static Tensor LoraLinearExact(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, double scaling)
+    {
+        var r = Tensor.Wrap(Native.ft_lora_linear_exact(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero, a.Handle, b.Handle, scaling));
+        GC.KeepAlive(x);
+        GC.KeepAlive(weight);
+        GC.KeepAlive(bias);
+        GC.KeepAlive(a);
+        GC.KeepAlive(b);
+        return r;
+    }
 }

@@ -32,20 +32,22 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
             Assert.True(Cuda.FusedKernelsAvailable, "FINETUNE_EXPECT_FUSED_KERNELS=1 but the shim was built without fused_kernels.cu");
     }
 
-    public static TheoryData<ScalarType, string> RotaryCases => new()
+    // d = 16: the kernel's 16-byte vector form (halves of 8 bf16 or 2×4 fp32); d = 12: its scalar form.
+    public static TheoryData<ScalarType, string, int> RotaryCases => new()
     {
-        { ScalarType.Float32, "tables" }, { ScalarType.Float32, "random" }, { ScalarType.Float32, "per-row" },
-        { ScalarType.BFloat16, "tables" }, { ScalarType.BFloat16, "random" }, { ScalarType.BFloat16, "per-row" },
+        { ScalarType.Float32, "tables", 16 }, { ScalarType.Float32, "random", 16 }, { ScalarType.Float32, "per-row", 16 },
+        { ScalarType.BFloat16, "tables", 16 }, { ScalarType.BFloat16, "random", 16 }, { ScalarType.BFloat16, "per-row", 16 },
+        { ScalarType.Float32, "per-row", 12 }, { ScalarType.BFloat16, "random", 12 },
     };
 
-    /// <summary>x (B, T, H, D) = (2, 7, 3, 16) as the transposed view of a contiguous (B, H, T, D) tensor (so the op sees
-    /// a non-contiguous input); cos/sin: the model's tables (T, D), random (T, D) tables whose halves differ (the kernel
+    /// <summary>x (B, T, H, D) = (2, 7, 3, d) as the transposed view of a contiguous (B, H, T, D) tensor (so the op sees
+    /// a non-contiguous input, as in backward); cos/sin: the model's tables (T, D), random (T, D) tables whose halves differ (the kernel
     /// must read both), or per-row (B, T, D) tables gathered at packed positions. Reference: Rotary.Apply on the
     /// (B, H, T, D) view.</summary>
     [Theory, MemberData(nameof(RotaryCases))]
-    public void Rotary_forward_and_gradient_equal_the_composite_formula(ScalarType dtype, string tables)
+    public void Rotary_forward_and_gradient_equal_the_composite_formula(ScalarType dtype, string tables, int d)
     {
-        const int b = 2, t = 7, h = 3, d = 16;
+        const int b = 2, t = 7, h = 3;
         using var gen = new Generator(5);
         using var scope = DisposeScope.Begin();
         Tensor cos, sin;
@@ -117,6 +119,112 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
         Assert.True(RelDiff(fusedRun.Gg, reference.Gg) < Tolerance(dtype), $"grad gate differs by {RelDiff(fusedRun.Gg, reference.Gg)}");
         Assert.True(RelDiff(fusedRun.Gu, reference.Gu) < Tolerance(dtype), $"grad up differs by {RelDiff(fusedRun.Gu, reference.Gu)}");
         Assert.True(reference.Gg.Abs().Sum().ItemDouble() > 0);
+    }
+
+    /// <summary>F.LinearCrossEntropy (on CUDA one kernel per chunk: row log-sum-exp and softmax − one-hot in place) against
+    /// cross_entropy of the full logits, differentiated by autograd: loss and both gradients, with ignored targets, a
+    /// short last chunk, vocabularies that take the kernel's vector form (v % 8 = 0, several loads per thread) and its
+    /// scalar form, peaked logits (scale 4), fp32 and bf16.</summary>
+    [Theory]
+    [InlineData(ScalarType.Float32, 13L), InlineData(ScalarType.Float32, 4104L), InlineData(ScalarType.Float32, 4099L)]
+    [InlineData(ScalarType.BFloat16, 13L), InlineData(ScalarType.BFloat16, 4104L), InlineData(ScalarType.BFloat16, 4099L)]
+    public void Linear_cross_entropy_equals_cross_entropy_of_the_logits(ScalarType dtype, long vocab)
+    {
+        using var gen = new Generator(11);
+        using var scope = DisposeScope.Begin();
+        var h0 = (Tensor.Randn([10, 8], gen) * 2).To(Dev, dtype);
+        var w0 = Tensor.Randn([vocab, 8], gen).To(Dev, dtype);
+        var targets = Tensor.From(new long[] { 3, -100, 0, vocab - 1, 7, 7, -100, 1, 5, 2 }).To(Dev);
+
+        (Tensor Loss, Tensor Gh, Tensor Gw) Run(bool fused)
+        {
+            var h = h0.Clone().RequiresGrad_();
+            var w = w0.Clone().RequiresGrad_();
+            var loss = fused ? F.LinearCrossEntropy(h, w, targets, -100, chunkRows: 4)
+                             : F.CrossEntropy(F.Linear(h, w).To(ScalarType.Float32), targets, -100, "sum");
+            (loss * 0.25).Backward();
+            return (loss.Detach(), h.Grad!, w.Grad!);
+        }
+
+        var fusedRun = Run(fused: true);
+        var reference = Run(fused: false);
+        Assert.True(RelDiff(fusedRun.Loss, reference.Loss) < (dtype == ScalarType.BFloat16 ? 1e-3 : 1e-6),
+            $"loss {fusedRun.Loss.ItemDouble()} vs {reference.Loss.ItemDouble()}");
+        Assert.Equal(dtype, fusedRun.Gh.DType);
+        Assert.True(RelDiff(fusedRun.Gh, reference.Gh) < Tolerance(dtype), $"grad hidden differs by {RelDiff(fusedRun.Gh, reference.Gh)}");
+        Assert.True(RelDiff(fusedRun.Gw, reference.Gw) < Tolerance(dtype), $"grad weight differs by {RelDiff(fusedRun.Gw, reference.Gw)}");
+        // Rows with an ignored target get no gradient.
+        Assert.Equal(0.0, fusedRun.Gh.Narrow(0, 1, 1).Abs().Sum().ItemDouble());
+        Assert.Equal(0.0, fusedRun.Gh.Narrow(0, 6, 1).Abs().Sum().ItemDouble());
+        using (global::FineTune.Worker.Torch.Torch.NoGrad())
+            Assert.True(RelDiff(F.LinearCrossEntropy(h0, w0, targets, -100, chunkRows: 4), fusedRun.Loss) < 1e-6);
+    }
+
+    /// <summary>A target outside the vocabulary is a clear error on the CPU and a NaN loss from the CUDA kernel (which
+    /// the trainer reports as a non-finite loss); never a device-side assertion, which would end the process's CUDA
+    /// context.</summary>
+    [Fact]
+    public void Linear_cross_entropy_with_a_target_outside_the_vocabulary_fails_cleanly()
+    {
+        using var scope = DisposeScope.Begin();
+        var h = Tensor.Ones([2, 4], device: Dev);
+        var w = Tensor.Ones([5, 4], device: Dev);
+        var targets = Tensor.From(new long[] { 1, 5 }).To(Dev);
+        if (Dev.Kind == DeviceKind.Cpu)
+            Assert.Throws<TorchException>(() => F.LinearCrossEntropy(h, w, targets));
+        else if (Cuda.FusedKernelsAvailable)
+            Assert.True(double.IsNaN(F.LinearCrossEntropy(h, w, targets).ItemDouble()));
+        else
+            output.WriteLine("skipped: CUDA without the fused kernels would stop on a device-side assertion");
+    }
+
+    /// <summary>AdapterOps.LoraLinearExact (fp32 LoRA math over a bf16 base on bf16 tensor cores, three-term splits) against
+    /// the composed fp32 form (x cast to fp32, fp32 GEMMs, the sum rounded once into the bf16 base output): the fp32
+    /// gradients of A and B to fp32 accumulation error, the bf16 output and input gradient to bf16 rounding. CUDA with
+    /// the kernels and torch ≥ 2.8 only; elsewhere it must report itself unavailable and refuse clearly.</summary>
+    [Fact]
+    public void Exact_lora_linear_matches_the_composed_fp32_form()
+    {
+        using var gen = new Generator(21);
+        using var scope = DisposeScope.Begin();
+        const int tokens = 96, inF = 40, outF = 24, r = 8;
+        const double s = 1.75;   // not a power of two: a scale applied in bf16 anywhere would show
+        var x0 = Tensor.Randn([2, tokens / 2, inF], gen).To(Dev, ScalarType.BFloat16);
+        var w = (Tensor.Randn([outF, inF], gen) * 0.2).To(Dev, ScalarType.BFloat16);
+        var a0 = (Tensor.Randn([r, inF], gen) * 0.3).To(Dev);
+        var b0 = (Tensor.Randn([outF, r], gen) * 0.3).To(Dev);
+        var gy = Tensor.Randn([2, tokens / 2, outF], gen).To(Dev, ScalarType.BFloat16);
+        if (!AdapterOps.LoraLinearExactAvailable(Dev))
+        {
+            Assert.Contains("lora_linear_exact", Assert.Throws<TorchException>(() => AdapterOps.LoraLinearExact(x0, w, null, a0, b0, s)).Message);
+            Assert.False(Dev.Kind == DeviceKind.Cuda && Environment.GetEnvironmentVariable("FINETUNE_EXPECT_FUSED_KERNELS") == "1",
+                "FINETUNE_EXPECT_FUSED_KERNELS=1 but the exact LoRA node is not available on cuda");
+            output.WriteLine($"exact LoRA node not available on {Dev}: checked that it refuses clearly");
+            return;
+        }
+
+        (Tensor Y, Tensor Gx, Tensor Ga, Tensor Gb) Run(bool exact)
+        {
+            var x = x0.Clone().RequiresGrad_();
+            var a = a0.Clone().RequiresGrad_();
+            var b = b0.Clone().RequiresGrad_();
+            var y = exact ? AdapterOps.LoraLinearExact(x, w, null, a, b, s)
+                          : F.Linear(x, w).Add_(F.Linear(F.Linear(x.To(ScalarType.Float32), a), b) * s);
+            (y.To(ScalarType.Float32) * gy.To(ScalarType.Float32)).Sum().Backward();
+            return (y.Detach(), x.Grad!, a.Grad!, b.Grad!);
+        }
+
+        var e = Run(exact: true);
+        var c = Run(exact: false);
+        Assert.Equal(ScalarType.BFloat16, e.Y.DType);
+        Assert.Equal(ScalarType.Float32, e.Ga.DType);
+        var (dy, dgx, dga, dgb) = (RelDiff(e.Y, c.Y), RelDiff(e.Gx, c.Gx), RelDiff(e.Ga, c.Ga), RelDiff(e.Gb, c.Gb));
+        output.WriteLine($"exact vs composed fp32: y {dy:E2}, grad x {dgx:E2}, grad A {dga:E2}, grad B {dgb:E2}");
+        Assert.True(dy < 2e-2 && dgx < 2e-2, $"bf16 results differ: y {dy}, grad x {dgx}");
+        Assert.True(dga < 1e-4 && dgb < 1e-4, $"fp32 gradients differ: A {dga}, B {dgb}");
+        // bf16 operands for A and B (one term instead of three) would differ by ~4e-3: the split is what is measured.
+        var bf16Ga = F.Linear(F.Linear(x0.To(ScalarType.Float32), a0.To(ScalarType.BFloat16).To(ScalarType.Float32)), b0);
+        Assert.True(RelDiff(bf16Ga, F.Linear(F.Linear(x0.To(ScalarType.Float32), a0), b0)) > 1e-4, "the check cannot tell one term from three");
     }
 
     [Fact]

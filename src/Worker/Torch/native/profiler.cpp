@@ -17,7 +17,8 @@ FT_PROF_API const char* ft_profiler_error() { return g_prof_error.c_str(); }
 // CPU ops and CUDA kernels from now until ft_profiler_stop.
 FT_PROF_API int ft_profiler_start() {
   try {
-    torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+    // Input shapes on: the benchmark's report attributes each kernel to the op (and the shapes) that launched it.
+    torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO, /*report_input_shapes=*/true);
     std::set<torch::profiler::impl::ActivityType> activities{torch::profiler::impl::ActivityType::CPU,
                                                              torch::profiler::impl::ActivityType::CUDA};
     torch::autograd::profiler::prepareProfiler(config, activities);

@@ -61,6 +61,22 @@ std::vector<at::Tensor> list(T* ts, int n) {
   for (int i = 0; i < n; ++i) v.push_back(*ts[i]);
   return v;
 }
+
+// The fused CUDA kernels (fused_kernels.cu) take fp32, fp16 and bf16 CUDA tensors.
+#ifdef FT_CUDA_KERNELS
+int fused_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return FT_FUSED_F32;
+    case at::kHalf: return FT_FUSED_F16;
+    case at::kBFloat16: return FT_FUSED_BF16;
+    default: return -1;
+  }
+}
+bool fused_kernel_for(const at::Tensor& t) { return t.is_cuda() && fused_dtype(t.scalar_type()) >= 0; }
+void fused_check(int rc, const char* op) {
+  TORCH_CHECK(rc == FT_FUSED_OK, op, ": CUDA kernel failed: ", ft_fused_error_string(rc));
+}
+#endif
 }  // namespace
 
 // Runs the body; on any exception records the message and returns `fail`.
@@ -819,47 +835,67 @@ FT_API T ft_bat_linear(T x, T w, T b, T d, int grouping) {
 
 // ---- begin: fused LoRA linear ----
 // y = x Wᵀ + b + s·(x Aᵀ) Bᵀ as one autograd node over a frozen W. Against the composed form (base linear, LoRA
-// product, add) it makes no (tokens × out) LoRA product, since the second GEMM adds into the base output (beta = 1),
-// and in backward no (tokens × in) adapter gradient of x nor autograd's sum of it with the base one: gx = gy W, then
-// gx += (s·gy B) A in the GEMM. The math runs in x's dtype; A and B (fp32 masters with adapterDtype mixed) are cast
-// for the products and their gradients come back in their own dtype, as through torch.autocast's casts.
-// Saves x (the base linear would keep it anyway), W (frozen), A, B and the small (tokens × r) x Aᵀ.
+// product, add) it makes no separate (tokens × out) sum and, in backward, no (tokens × in) adapter gradient of x nor
+// autograd's sum of it with the base one. The rank-r product comes first and the frozen GEMM accumulates into it
+// (beta = 1): that folds the adapter's share into the big GEMM's epilogue, where adding a K = r GEMM into the base
+// output read and wrote the whole output once more (2–3% of a 1B model's step on an H200, measured both ways).
+// Backward likewise: gx = (s·gy B) A, then += gy W. The math runs in x's dtype; A and B (fp32 masters with
+// adapterDtype mixed) are cast for the products, s folded into B's cast, and their gradients come back in their own
+// dtype, as through torch.autocast's casts. Saves x (the base linear would keep it anyway), W (frozen), the casts of
+// A and s·B (r × in, out × r: casting again in backward was two more tiny kernels per module) and x Aᵀ (tokens × r).
 namespace {
+// s·m in dtype `cd`, one kernel (the cast and the scale together); m itself when nothing changes.
+at::Tensor scaled_as(const at::Tensor& m, double s, at::ScalarType cd) {
+  if (s == 1.0) return m.to(cd);
+  auto out = at::empty(m.sizes(), m.options().dtype(cd));
+  at::mul_out(out, m, c10::scalar_to_tensor(s));
+  return out;
+}
+
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias,
                             at::Tensor a, at::Tensor b, double s) {
     const auto cd = x.scalar_type();
-    auto y = bias.has_value() ? at::linear(x, w, bias->to(cd)) : at::linear(x, w);
     auto x2 = x.reshape({-1, x.size(-1)});
-    auto t = at::mm(x2, a.to(cd).t());                                      // (N, r)
-    y.view({-1, y.size(-1)}).addmm_(t, b.to(cd).t(), 1.0, s);                 // y += s·t Bᵀ in the GEMM
-    ctx->save_for_backward({x, w, a, b, t});
+    auto ac = a.to(cd);
+    auto bs = scaled_as(b, s, cd);                                          // s·B
+    auto t = at::mm(x2, ac.t());                                            // (N, r)
+    auto y2 = at::mm(t, bs.t());                                            // s·(x Aᵀ) Bᵀ
+    y2.addmm_(x2, w.t());                                                   // + x Wᵀ in the big GEMM
+    if (bias.has_value()) y2.add_(bias->to(cd));
+    ctx->save_for_backward({x, w, ac, bs, t});
+    ctx->saved_data["a_dtype"] = static_cast<int64_t>(a.scalar_type());
+    ctx->saved_data["b_dtype"] = static_cast<int64_t>(b.scalar_type());
     ctx->saved_data["s"] = s;
     // needs_input_grad counts only the tensors given (the bias may be absent): record what needs a gradient instead.
     ctx->saved_data["grads"] = static_cast<int64_t>((x.requires_grad() ? 1 : 0) | (a.requires_grad() ? 2 : 0) | (b.requires_grad() ? 4 : 0));
-    return y;
+    auto shape = x.sizes().vec();
+    shape.back() = w.size(0);
+    return y2.view(shape);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const auto& x = saved[0];
     const auto& w = saved[1];
-    const auto& a = saved[2];
-    const auto& b = saved[3];
+    const auto& a = saved[2];   // A in x's dtype
+    const auto& bs = saved[3];  // s·B in x's dtype
     const auto& t = saved[4];
     const double s = ctx->saved_data["s"].toDouble();
     const auto cd = x.scalar_type();
+    const auto a_dtype = static_cast<at::ScalarType>(ctx->saved_data["a_dtype"].toInt());
+    const auto b_dtype = static_cast<at::ScalarType>(ctx->saved_data["b_dtype"].toInt());
     auto g2 = grads[0].to(cd).reshape({-1, w.size(0)});
-    auto gt = at::mm(g2, b.to(cd)).mul_(s);                                  // (N, r)
+    auto gt = at::mm(g2, bs);                                                // s·gy B, (N, r)
     const int64_t need = ctx->saved_data["grads"].toInt();
     at::Tensor gx, ga, gb;
     if (need & 1) {
-      gx = at::mm(g2, w);
-      gx.addmm_(gt, a.to(cd));                                               // + s·(gy B) A, in the GEMM
+      gx = at::mm(gt, a);                                                    // s·(gy B) A, then += gy W
+      gx.addmm_(g2, w);
       gx = gx.view(x.sizes());
     }
-    if (need & 2) ga = at::mm(gt.t(), x.reshape({-1, x.size(-1)})).to(a.scalar_type());
-    if (need & 4) gb = at::mm(g2.t(), t).mul_(s).to(b.scalar_type());
+    if (need & 2) ga = at::mm(gt.t(), x.reshape({-1, x.size(-1)})).to(a_dtype);
+    if (need & 4) gb = scaled_as(at::mm(g2.t(), t), s, b_dtype);            // s·gyᵀ (x Aᵀ)
     return {gx, at::Tensor(), at::Tensor(), ga, gb, at::Tensor()};
   }
 };
@@ -877,6 +913,134 @@ FT_API T ft_lora_linear(T x, T w, T b, T a, T bm, double s) {
     c10::optional<at::Tensor> bias;
     if (b) bias = *b;
     return wrap(LoraLinear::apply(*x, *w, bias, *a, *bm, s));
+  })
+}
+
+// ---- fp32 LoRA math over a bf16 base on bf16 tensor cores (adapterDtype fp32 on CUDA) ----
+// PEFT's fp32 LoRA casts x (tokens × in) and the upstream gradient (tokens × out) to fp32 and runs FFMA GEMMs on
+// them: the copies and the fp32 GEMMs were ~40% of such a step. Here x and the gradient stay bf16, which they
+// represent exactly, and every fp32 operand (A, B, x Aᵀ, its gradient) is split into three bf16 terms that sum to it
+// exactly (split3, fp32's 24 significant bits as 3 × 8); the GEMMs run on bf16 tensor cores with fp32 outputs
+// (at::mm's out_dtype, torch ≥ 2.8) and the three partial products are summed in fp32. So x Aᵀ and the gradients of
+// A and B are fp32 GEMMs' values up to fp32 accumulation order. The two products that end in bf16 tensors (the
+// output and the input gradient) use the three leading pair terms (hi·hi + hi·mid + mid·hi, ~16 bits) and are rounded
+// once, into the base GEMM's output.
+#if defined(FT_CUDA_KERNELS) && FT_AT_LEAST(2, 8)
+#define FT_SPLIT_GEMM 1
+namespace {
+// m (rows, cols) fp32, any strides, times scale → bf16 (3, rows, cols) (planar) or (rows, 3·cols) (interleaved).
+at::Tensor split3(const at::Tensor& m, double scale, bool planar) {
+  TORCH_CHECK(m.dim() == 2 && m.scalar_type() == at::kFloat, "split3: an fp32 matrix expected");
+  const int64_t rows = m.size(0), cols = m.size(1);
+  auto out = planar ? at::empty({3, rows, cols}, m.options().dtype(at::kBFloat16))
+                    : at::empty({rows, 3 * cols}, m.options().dtype(at::kBFloat16));
+  fused_check(ft_fused_split3(m.data_ptr<float>(), rows, cols, m.stride(0), 0, m.stride(1), 1, static_cast<float>(scale),
+                              out.data_ptr(), planar ? 1 : 0, at::cuda::getCurrentCUDAStream().stream()),
+              "split3");
+  return out;
+}
+// p (rows, 3·r) fp32 of three partial products side by side → the split of scale·(p₀ + p₁ + p₂), (rows, 3·r).
+at::Tensor sum3_split3(const at::Tensor& p, int64_t r, double scale) {
+  TORCH_CHECK(p.dim() == 2 && p.size(1) == 3 * r && p.stride(1) == 1 && p.scalar_type() == at::kFloat,
+              "sum3_split3: (rows, 3r) fp32 expected");
+  const int64_t rows = p.size(0);
+  auto out = at::empty({rows, 3 * r}, p.options().dtype(at::kBFloat16));
+  fused_check(ft_fused_split3(p.data_ptr<float>(), rows, r, p.stride(0), r, 1, 3, static_cast<float>(scale),
+                              out.data_ptr(), 0, at::cuda::getCurrentCUDAStream().stream()),
+              "split3");
+  return out;
+}
+// (rows, 3·r) interleaved split [hi | mid | lo] → [hi | hi | mid] (the left factor of the pair terms).
+at::Tensor left_pairs(const at::Tensor& s3, int64_t r) {
+  auto hi = s3.narrow(1, 0, r);
+  return at::cat({hi, hi, s3.narrow(1, r, r)}, 1);
+}
+// (rows, 3·r) interleaved split → [hi | mid | hi] (the right factor).
+at::Tensor right_pairs(const at::Tensor& s3, int64_t r) {
+  auto hi = s3.narrow(1, 0, r);
+  return at::cat({hi, s3.narrow(1, r, r), hi}, 1);
+}
+
+struct LoraLinearExact : public torch::autograd::Function<LoraLinearExact> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias,
+                            at::Tensor a, at::Tensor b, double s) {
+    const int64_t r = a.size(0), in = a.size(1), out = w.size(0);
+    auto x2 = x.reshape({-1, in});
+    auto a3 = split3(a, 1.0, true);                                          // (3, r, in): A = Σ terms
+    auto p = at::mm(x2, a3.view({3 * r, in}).t(), at::kFloat);              // (N, 3r): x·A_kᵀ
+    auto t3 = sum3_split3(p, r, s);                                          // split of s·x Aᵀ, (N, 3r)
+    auto b3 = split3(b, 1.0, false);                                         // (out, 3r): [B_hi | B_mid | B_lo]
+    auto y2 = at::mm(left_pairs(t3, r), right_pairs(b3, r).t());             // s·(x Aᵀ) Bᵀ, bf16
+    y2.addmm_(x2, w.t());                                                    // + x Wᵀ in the big GEMM
+    if (bias.has_value()) y2.add_(bias->to(y2.scalar_type()));
+    ctx->save_for_backward({x, w, a3, b3, t3});
+    ctx->saved_data["s"] = s;
+    ctx->saved_data["grads"] = static_cast<int64_t>((x.requires_grad() ? 1 : 0) | (a.requires_grad() ? 2 : 0) | (b.requires_grad() ? 4 : 0));
+    auto shape = x.sizes().vec();
+    shape.back() = out;
+    return y2.view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto& w = saved[1];
+    const auto& a3 = saved[2];
+    const auto& b3 = saved[3];
+    const auto& t3 = saved[4];
+    const double s = ctx->saved_data["s"].toDouble();
+    const int64_t need = ctx->saved_data["grads"].toInt();
+    const int64_t r = a3.size(1), in = a3.size(2), out = w.size(0);
+    auto g2 = grads[0].to(x.scalar_type()).reshape({-1, out});
+    auto x2 = x.reshape({-1, in});
+    auto gt3 = sum3_split3(at::mm(g2, b3, at::kFloat), r, s);               // split of s·gy B, (N, 3r)
+    at::Tensor gx, ga, gb;
+    if (need & 1) {
+      // [gt_hi | gt_hi | gt_mid] · [A_hi; A_mid; A_hi], then + gy W in the big GEMM
+      auto ar = at::cat({a3.select(0, 0), a3.select(0, 1), a3.select(0, 0)}, 0);
+      gx = at::mm(left_pairs(gt3, r), ar);
+      gx.addmm_(g2, w);
+      gx = gx.view(x.sizes());
+    }
+    if (need & 2) ga = at::mm(gt3.t(), x2, at::kFloat).view({3, r, in}).sum(0);          // gtᵀ x
+    if (need & 4) gb = at::mm(g2.t(), t3, at::kFloat).view({out, 3, r}).sum(1);          // gyᵀ (s·x Aᵀ)
+    return {gx, at::Tensor(), at::Tensor(), ga, gb, at::Tensor()};
+  }
+};
+}  // namespace
+#endif
+
+// Whether ft_lora_linear_exact runs on tensors of `device_type` (1 = CUDA): CUDA, the fused kernels and torch ≥ 2.8.
+FT_API int ft_lora_linear_exact_available(int device_type) {
+#ifdef FT_SPLIT_GEMM
+  return device_type == 1 ? 1 : 0;
+#else
+  (void)device_type;
+  return 0;
+#endif
+}
+
+// y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with x and W bf16 on CUDA, A (r, in) and B (out, r) fp32, computed as described above.
+FT_API T ft_lora_linear_exact(T x, T w, T b, T a, T bm, double s) {
+  FT_TRY(nullptr, {
+#ifdef FT_SPLIT_GEMM
+    TORCH_CHECK(x->is_cuda() && x->scalar_type() == at::kBFloat16 && w->scalar_type() == at::kBFloat16,
+                "lora_linear_exact: x and W must be bf16 CUDA tensors, got ", x->scalar_type(), " on ", x->device(), " and ", w->scalar_type());
+    TORCH_CHECK(a->scalar_type() == at::kFloat && bm->scalar_type() == at::kFloat, "lora_linear_exact: A and B must be fp32, got ",
+                a->scalar_type(), " and ", bm->scalar_type());
+    TORCH_CHECK(!w->requires_grad() && !(b && b->requires_grad()), "lora_linear_exact: the base weight and bias must be frozen");
+    TORCH_CHECK(w->dim() == 2 && a->dim() == 2 && bm->dim() == 2 && w->size(1) == x->size(-1) && a->size(1) == w->size(1) &&
+                    bm->size(1) == a->size(0) && bm->size(0) == w->size(0),
+                "lora_linear_exact: shapes do not chain: x ", x->sizes(), ", W ", w->sizes(), ", A ", a->sizes(), ", B ", bm->sizes());
+    c10::cuda::CUDAGuard guard(x->device());
+    c10::optional<at::Tensor> bias;
+    if (b) bias = *b;
+    return wrap(LoraLinearExact::apply(*x, *w, bias, *a, *bm, s));
+#else
+    (void)x; (void)w; (void)b; (void)a; (void)bm; (void)s;
+    TORCH_CHECK(false, "lora_linear_exact needs CUDA, the fused kernels and libtorch >= 2.8 (this build has not)");
+    return static_cast<T>(nullptr);
+#endif
   })
 }
 // ---- end: fused LoRA linear ----
@@ -1015,6 +1179,35 @@ struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy>
     auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     auto total = at::zeros({}, hidden.options().dtype(acc));
     bool grad = (gh && gh->defined()) || (gw && gw->defined());
+#ifdef FT_CUDA_KERNELS
+    if (fused_kernel_for(hidden) && weight.scalar_type() == hidden.scalar_type() && n > 0) {
+      // One kernel per chunk turns the logits into the row losses and, in place, into softmax − one-hot (zero rows
+      // for ignored targets, so no row mask is applied after it).
+      c10::cuda::CUDAGuard guard(hidden.device());
+      auto stream = at::cuda::getCurrentCUDAStream().stream();
+      auto all_targets = targets.to(at::kLong).contiguous();
+      auto rows = at::empty({n}, hidden.options().dtype(at::kFloat));
+      for (int64_t s = 0; s < n; s += chunk) {
+        int64_t len = std::min(chunk, n - s);
+        auto h = hidden.narrow(0, s, len);
+        auto logits = at::matmul(h, weight.t()).contiguous();  // (len, V)
+        fused_check(ft_fused_cross_entropy(logits.data_ptr(), all_targets.data_ptr<int64_t>() + s, len,
+                                           logits.size(1), ignore_index, rows.data_ptr<float>() + s,
+                                           grad ? logits.data_ptr() : nullptr, fused_dtype(logits.scalar_type()),
+                                           stream),
+                    "cross_entropy");
+        if (!grad) continue;
+        if (gh && gh->defined()) {
+          auto dst = gh->narrow(0, s, len);
+          if (dst.is_contiguous()) at::mm_out(dst, logits, weight);
+          else dst.copy_(at::mm(logits, weight));
+        }
+        if (gw && gw->defined()) gw->add_(at::matmul(logits.t(), h).to(at::kFloat));
+      }
+      total.add_(rows.sum());
+      return total;
+    }
+#endif
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t len = std::min(chunk, n - s);
       auto h = hidden.narrow(0, s, len);
@@ -1220,20 +1413,6 @@ FT_API int ft_checkpoint(int64_t fn, T* inputs, int n, T* outputs, int cap) {
 // (rotary: a cat, a neg, two muls and an add each way, and x kept for backward; SwiGLU: silu, mul, and their
 // backward) whose memory traffic was ~40% of a step's kernel time on the GPU.
 namespace {
-#ifdef FT_CUDA_KERNELS
-int fused_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return FT_FUSED_F32;
-    case at::kHalf: return FT_FUSED_F16;
-    case at::kBFloat16: return FT_FUSED_BF16;
-    default: return -1;
-  }
-}
-bool fused_kernel_for(const at::Tensor& t) { return t.is_cuda() && fused_dtype(t.scalar_type()) >= 0; }
-void fused_check(int rc, const char* op) {
-  TORCH_CHECK(rc == FT_FUSED_OK, op, ": CUDA kernel failed: ", ft_fused_error_string(rc));
-}
-#endif
 
 at::Tensor rotate_half(const at::Tensor& x) {
   const int64_t h = x.size(-1) / 2;
@@ -1251,13 +1430,16 @@ at::Tensor rotary_apply(const at::Tensor& x, const at::Tensor& cos, const at::Te
 #ifdef FT_CUDA_KERNELS
   if (fused_kernel_for(x)) {
     c10::cuda::CUDAGuard guard(x.device());
-    auto xc = x.contiguous();
+    // The kernel reads any (B, T, H) strides: backward's upstream gradient is the transposed view of attention's
+    // (B, H, T, D) gradient, read in place instead of copied.
+    auto xc = x.stride(3) == 1 ? x : x.contiguous();
     auto c = cos.to(x.scalar_type()).contiguous();
     auto s = sin.to(x.scalar_type()).contiguous();
-    auto out = at::empty(xc.sizes(), xc.options());
-    const int64_t d = xc.size(-1);
+    auto out = at::empty(xc.sizes(), xc.options().memory_format(at::MemoryFormat::Contiguous));
+    const int64_t d = xc.size(3);
     fused_check(ft_fused_rotary(xc.data_ptr(), c.data_ptr(), s.data_ptr(), out.data_ptr(), xc.numel() / d, d,
-                                xc.size(2), c.numel() / d, backward ? 1 : 0, fused_dtype(xc.scalar_type()),
+                                xc.size(2), xc.size(1), xc.stride(0), xc.stride(1), xc.stride(2), c.numel() / d,
+                                backward ? 1 : 0, fused_dtype(xc.scalar_type()),
                                 at::cuda::getCurrentCUDAStream().stream()),
                 "rotary");
     return out;

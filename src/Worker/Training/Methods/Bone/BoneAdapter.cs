@@ -51,15 +51,20 @@ public sealed class BoneLayer : IAdapterLayer, IWholeLinearAdapter
     {
         // On the CPU the composed form stays: there FLOPs, not memory passes, are the cost, and the chunk sum as a
         // GEMM does r times the additions of the sum (the CPU benchmark measured Bone 12 % slower through the node).
-        var fused = (Mixed && x.DType != D.DType) || (D.DType == x.DType && x.Device.Kind == DeviceKind.Cuda);
-        if (Merged || MiniR is not null || x.DType != Base.Weight.DType || !fused) return null;
-        if (_chunkSum is null || _chunkSum.DType != x.DType)
+        if (Merged || MiniR is not null || x.DType != Base.Weight.DType) return null;
+        // fp32 adapter math over a bf16 base on CUDA: LoRA's exact node (three-term splits; the one-hot A is exact).
+        var exact = !Mixed && D.DType == ScalarType.Float32 && x.DType == ScalarType.BFloat16 && AdapterOps.LoraLinearExactAvailable(x.Device);
+        var fused = exact || (Mixed && x.DType != D.DType) || (D.DType == x.DType && x.Device.Kind == DeviceKind.Cuda);
+        if (!fused) return null;
+        var chunkDType = exact ? ScalarType.Float32 : x.DType;
+        if (_chunkSum is null || _chunkSum.DType != chunkDType)
         {
             _chunkSum?.Dispose();
             using var scope = DisposeScope.Begin();
-            _chunkSum = DisposeScope.Keep(LoraA(R, Base.InFeatures).To(x.Device, x.DType));
+            _chunkSum = DisposeScope.Keep(LoraA(R, Base.InFeatures).To(x.Device, chunkDType));
         }
-        return AdapterOps.LoraLinear(x, Base.Weight, Base.Bias, _chunkSum, D.T(), 1.0);
+        return exact ? AdapterOps.LoraLinearExact(x, Base.Weight, Base.Bias, _chunkSum, D.T(), 1.0)
+                     : AdapterOps.LoraLinear(x, Base.Weight, Base.Bias, _chunkSum, D.T(), 1.0);
     }
 
     public Tensor Forward(Tensor x, Tensor baseOutput)
@@ -82,8 +87,7 @@ public sealed class BoneLayer : IAdapterLayer, IWholeLinearAdapter
             tiles[^1] = Base.OutFeatures / m;
             delta = delta.Repeat(tiles);
         }
-        var y = baseOutput + delta;
-        return y.DType == baseOutput.DType ? y : y.To(baseOutput.DType);
+        return AdapterInput.AddInto(baseOutput, delta);
     }
 
     /// <summary>ΔW (out, in) with ΔW[o, i] = D[i mod r, o] (mini: D[i mod r, o mod miniR]).</summary>

@@ -110,24 +110,28 @@ public sealed class DoraLayer : IAdapterLayer, IWholeLinearAdapter
     public Tensor Forward(Tensor x, Tensor baseOutput)
     {
         if (Merged) return baseOutput;
-        var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
-        Tensor wx;
+        var h = AdapterInput.As(x, ScalarType.Float32);
+        var f = Magnitude / WeightNorm();
         if (Dropout > 0 && Training)
         {
+            // PEFT's formula: base + (f − 1)·(h Wᵀ) + f·s·(h Aᵀ) Bᵀ with h the dropped input. h Wᵀ in W's dtype, as the base
+            // output is: an fp32 cast of W here would be an (out × in) copy per forward, kept until the backward.
             h = F.Dropout(h, Dropout, true);
-            // In W's dtype, as the base output is: an fp32 cast of W here would be an (out × in) copy per forward,
-            // kept by autograd until the backward.
             var w = Base.Weight;
-            wx = w.DType == ScalarType.Float32 ? F.Linear(h, w) : F.Linear(h.To(w.DType), w).To(ScalarType.Float32);
+            var wx = w.DType == ScalarType.Float32 ? F.Linear(h, w) : F.Linear(h.To(w.DType), w).To(ScalarType.Float32);
+            var y = baseOutput + (f - 1) * wx + f * (F.Linear(F.Linear(h, A), B) * Scaling);
+            return y.DType == baseOutput.DType ? y : y.To(baseOutput.DType);
         }
-        else
-        {
-            wx = Base.Bias is null ? baseOutput : baseOutput - Base.Bias;
-            if (wx.DType != ScalarType.Float32) wx = wx.To(ScalarType.Float32);
-        }
-        var f = Magnitude / WeightNorm();
-        var y = baseOutput + (f - 1) * wx + f * (F.Linear(F.Linear(h, A), B) * Scaling);
-        return y.DType == baseOutput.DType ? y : y.To(baseOutput.DType);
+        // Without dropout baseOutput = x Wᵀ + b, and the same formula is f·(x Wᵀ + s·(x Aᵀ) Bᵀ) + b: in fp32, the sum
+        // made in place in the fresh fp32 copy of x Wᵀ, then one scale, instead of five (tokens × out) fp32 passes
+        // (equal up to fp32 rounding).
+        var wx32 = Base.Bias is null ? baseOutput : baseOutput - Base.Bias;
+        var fresh = !ReferenceEquals(wx32, baseOutput) || wx32.DType != ScalarType.Float32;
+        if (wx32.DType != ScalarType.Float32) wx32 = wx32.To(ScalarType.Float32);
+        var lowRank = AdapterInput.ScaledLowRank(h, A, B, Scaling);
+        var yf = (fresh ? wx32.Add_(lowRank) : wx32 + lowRank) * f;
+        if (yf.DType != baseOutput.DType) yf = yf.To(baseOutput.DType);
+        return Base.Bias is null ? yf : yf + Base.Bias;
     }
 
     /// <summary>ΔW = f·(W + s·B·A) − W (fp32). Merged, W holds W' = f·(W₀ + s·B·A), so W₀ = W'/f − s·B·A with the f of

@@ -107,8 +107,12 @@ public sealed class LoraLayer : IAdapterLayer, IWholeLinearAdapter
     /// adapter are one fused node (<see cref="AdapterOps.LoraLinear"/>); otherwise null: the base product, then <see cref="Forward"/>.</summary>
     public Tensor? ForwardWhole(Tensor x)
     {
-        if (Merged || (Dropout > 0 && Training) || x.DType != Base.Weight.DType || !(Mixed || A.DType == x.DType)) return null;
-        return AdapterOps.LoraLinear(x, Base.Weight, Base.Bias, A, B, Scaling);
+        if (Merged || (Dropout > 0 && Training) || x.DType != Base.Weight.DType) return null;
+        if (Mixed || A.DType == x.DType) return AdapterOps.LoraLinear(x, Base.Weight, Base.Bias, A, B, Scaling);
+        // fp32 adapter math over a bf16 base: the same node on bf16 tensor cores over exact three-term splits.
+        if (A.DType == ScalarType.Float32 && x.DType == ScalarType.BFloat16 && AdapterOps.LoraLinearExactAvailable(x.Device))
+            return AdapterOps.LoraLinearExact(x, Base.Weight, Base.Bias, A, B, Scaling);
+        return null;
     }
 
     public Tensor Forward(Tensor x, Tensor baseOutput)
@@ -124,8 +128,7 @@ public sealed class LoraLayer : IAdapterLayer, IWholeLinearAdapter
         }
         var h = AdapterInput.As(x, A.DType);
         if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
-        var y = baseOutput.Add(F.Linear(F.Linear(h, A), B), Scaling);   // base + s·(h Aᵀ) Bᵀ in one kernel
-        return y.DType == baseOutput.DType ? y : y.To(baseOutput.DType);
+        return AdapterInput.AddInto(baseOutput, AdapterInput.ScaledLowRank(h, A, B, Scaling));
     }
 
     public Tensor DeltaWeight() => B.MatMul(A) * Scaling;

@@ -72,8 +72,7 @@ public sealed class SboraLayer : IAdapterLayer
             var h = x.IndexSelect(x.Dim - 1, Index);
             if (h.DType != ScalarType.Float32) h = h.To(ScalarType.Float32);
             if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
-            var y = baseOutput + F.Linear(h, Factor) * Scaling;
-            return y.DType == baseOutput.DType ? y : y.To(baseOutput.DType);
+            return AdapterInput.AddInto(baseOutput, F.Linear(h, Scaling == 1 ? Factor : Factor * Scaling));
         }
         var hx = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
         if (Dropout > 0) hx = F.Dropout(hx, Dropout, Training);

@@ -84,8 +84,7 @@ public sealed class VbLoraLayer : IAdapterLayer
         }
         var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
         if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
-        var y = baseOutput + F.Linear(F.Linear(h, a), b);
-        return y.DType == baseOutput.DType ? y : y.To(baseOutput.DType);
+        return AdapterInput.AddInto(baseOutput, F.Linear(F.Linear(h, a), b));
     }
 
     public Tensor DeltaWeight()

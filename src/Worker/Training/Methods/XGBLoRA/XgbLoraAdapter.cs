@@ -50,10 +50,13 @@ public sealed class XgbLoraLayer : IAdapterLayer
             return ym;
         }
         var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
-        var y = baseOutput.DType == ScalarType.Float32 ? baseOutput : baseOutput.To(ScalarType.Float32);
-        if (pending) y = y + F.Linear(F.Linear(h, MergedA!), MergedB!);
-        if (Booster is { } b) y = y + F.Linear(F.Linear(h, b.A), b.B) * Scaling;
-        return y.DType == baseOutput.DType ? y : y.To(baseOutput.DType);
+        Tensor? delta = pending ? F.Linear(F.Linear(h, MergedA!), MergedB!) : null;
+        if (Booster is { } b)
+        {
+            var boosted = AdapterInput.ScaledLowRank(h, b.A, b.B, Scaling);
+            delta = delta is null ? boosted : delta + boosted;
+        }
+        return AdapterInput.AddInto(baseOutput, delta!);
     }
 
     /// <summary>What this adapter adds to W now: the merged boosters not yet in W plus the current booster.</summary>
