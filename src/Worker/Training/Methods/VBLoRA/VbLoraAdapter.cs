@@ -15,7 +15,7 @@ namespace FineTune.Worker.Training.Methods.VBLoRA;
 /// During a training step the method composes A and B once (<see cref="VbLoraAdapter.BeginStep"/>) and the layer reads
 /// the step's leaf copies; at any other time (validation, evaluation, a direct forward) it composes on the fly.
 /// </summary>
-public sealed class VbLoraLayer : IAdapterLayer
+public sealed class VbLoraLayer : IAdapterLayer, IWholeLinearAdapter
 {
     public Linear Base { get; }
     public Tensor LogitsA { get; }
@@ -70,12 +70,27 @@ public sealed class VbLoraLayer : IAdapterLayer
 
     public (Tensor A, Tensor B) Factors() => (ComposeA(LogitsA, Bank, TopK), ComposeB(LogitsB, Bank, TopK));
 
+    private (Tensor A, Tensor B) CurrentFactors() =>
+        Step is { } s ? (s.A.Select(0, s.IndexA), s.B.Select(0, s.IndexB)) : Factors();
+
+    /// <summary>Without dropout, base and adapter are one node over the step's composed factors: LoRA's fused linear
+    /// when the math is in x's dtype (mixed, or factors in x's dtype), its exact fp32 node over a bf16 base on CUDA;
+    /// otherwise null (the base product, then <see cref="Forward"/>).</summary>
+    public Tensor? ForwardWhole(Tensor x)
+    {
+        if (Merged || (Dropout > 0 && Training) || x.DType != Base.Weight.DType) return null;
+        var dtype = Bank.DType;   // the composed factors' dtype
+        var exact = !Mixed && dtype == ScalarType.Float32 && x.DType == ScalarType.BFloat16 && AdapterOps.LoraLinearExactAvailable(x.Device);
+        if (!(Mixed || dtype == x.DType || exact)) return null;
+        var (a, b) = CurrentFactors();
+        return exact ? AdapterOps.LoraLinearExact(x, Base.Weight, Base.Bias, a, b, 1.0)
+                     : AdapterOps.LoraLinear(x, Base.Weight, Base.Bias, a, b, 1.0);
+    }
+
     public Tensor Forward(Tensor x, Tensor baseOutput)
     {
         if (Merged) return baseOutput;
-        Tensor a, b;
-        if (Step is { } s) (a, b) = (s.A.Select(0, s.IndexA), s.B.Select(0, s.IndexB));
-        else (a, b) = Factors();
+        var (a, b) = CurrentFactors();
         if (Mixed && x.DType != a.DType)
         {
             // The factors are composed in fp32 (once per step); only their use is in x's dtype.
