@@ -33,16 +33,8 @@ public static class AdapterOps
     /// share a dtype; A (r, in) and B (out, r) may be wider (fp32 masters): they are cast for the products and their
     /// gradients come back in their own dtype.
     /// </summary>
-    public static Tensor LoraLinear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, double scaling)
-    {
-        var r = Tensor.Wrap(Native.ft_lora_linear(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero, a.Handle, b.Handle, scaling));
-        GC.KeepAlive(x);
-        GC.KeepAlive(weight);
-        GC.KeepAlive(bias);
-        GC.KeepAlive(a);
-        GC.KeepAlive(b);
-        return r;
-    }
+    public static Tensor LoraLinear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, double scaling) =>
+        Linear(Native.ft_lora_linear(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero, a.Handle, b.Handle, scaling), x, weight, bias, a, b);
 
     /// <summary>Whether <see cref="LoraLinearExact"/> runs on <paramref name="device"/>: CUDA, with the shim's kernels, on
     /// libtorch ≥ 2.8.</summary>
@@ -59,9 +51,13 @@ public static class AdapterOps
     /// values up to accumulation order; the bf16 output and input gradient carry the adapter's share to ~16 bits before
     /// their one rounding. x and W bf16 on CUDA, A (r, in) and B (out, r) fp32; see <see cref="LoraLinearExactAvailable"/>.
     /// </summary>
-    public static Tensor LoraLinearExact(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, double scaling)
+    public static Tensor LoraLinearExact(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, double scaling) =>
+        Linear(Native.ft_lora_linear_exact(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero, a.Handle, b.Handle, scaling), x, weight, bias, a, b);
+
+    // Wraps a native result; the inputs stay reachable until the native call has returned.
+    private static Tensor Linear(IntPtr handle, Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b)
     {
-        var r = Tensor.Wrap(Native.ft_lora_linear_exact(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero, a.Handle, b.Handle, scaling));
+        var r = Tensor.Wrap(handle);
         GC.KeepAlive(x);
         GC.KeepAlive(weight);
         GC.KeepAlive(bias);

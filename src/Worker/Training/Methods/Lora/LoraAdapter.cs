@@ -104,7 +104,8 @@ public sealed class LoraLayer : IAdapterLayer, IWholeLinearAdapter
     }
 
     /// <summary>Whenever the math runs in x's dtype (mixed, bf16 adapters, an fp32 base) and no dropout applies, base and
-    /// adapter are one fused node (<see cref="AdapterOps.LoraLinear"/>); otherwise null: the base product, then <see cref="Forward"/>.</summary>
+    /// adapter are one fused node (<see cref="AdapterOps.LoraLinear"/>); fp32 adapters over a bf16 base on CUDA take its
+    /// exact form (<see cref="AdapterOps.LoraLinearExact"/>); otherwise null: the base product, then <see cref="Forward"/>.</summary>
     public Tensor? ForwardWhole(Tensor x)
     {
         if (Merged || (Dropout > 0 && Training) || x.DType != Base.Weight.DType) return null;

@@ -74,7 +74,7 @@ public sealed class SboraLayer : IAdapterLayer
             if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
             return AdapterInput.AddInto(baseOutput, F.Linear(h, Scaling == 1 ? Factor : Factor * Scaling));
         }
-        var hx = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
+        var hx = AdapterInput.As(x, ScalarType.Float32);   // one cast per input shared by several modules
         if (Dropout > 0) hx = F.Dropout(hx, Dropout, Training);
         var delta = F.Linear(hx, Factor) * Scaling;
         return baseOutput.IndexAdd(baseOutput.Dim - 1, Index, delta.DType == baseOutput.DType ? delta : delta.To(baseOutput.DType));

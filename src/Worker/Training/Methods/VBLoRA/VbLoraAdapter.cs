@@ -97,7 +97,7 @@ public sealed class VbLoraLayer : IAdapterLayer, IWholeLinearAdapter
             var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
             return baseOutput + AdapterInput.LowRank(hm, a, b);
         }
-        var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
+        var h = AdapterInput.As(x, ScalarType.Float32);   // one cast per input shared by several modules
         if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
         return AdapterInput.AddInto(baseOutput, F.Linear(F.Linear(h, a), b));
     }

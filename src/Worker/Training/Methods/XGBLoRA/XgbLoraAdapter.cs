@@ -49,7 +49,7 @@ public sealed class XgbLoraLayer : IAdapterLayer
             if (Booster is { } bm) ym = ym.Add(AdapterInput.LowRank(x, bm.A, bm.B), Scaling);
             return ym;
         }
-        var h = x.DType == ScalarType.Float32 ? x : x.To(ScalarType.Float32);
+        var h = AdapterInput.As(x, ScalarType.Float32);   // one cast per input shared by several modules
         Tensor? delta = pending ? F.Linear(F.Linear(h, MergedA!), MergedB!) : null;
         if (Booster is { } b)
         {
