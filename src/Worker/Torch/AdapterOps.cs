@@ -50,9 +50,12 @@ public static class AdapterOps
     /// and the GEMMs run on bf16 tensor cores with fp32 outputs, so x Aᵀ and the gradients of A and B are fp32 GEMMs'
     /// values up to accumulation order; the bf16 output and input gradient carry the adapter's share to ~16 bits before
     /// their one rounding. x and W bf16 on CUDA, A (r, in) and B (out, r) fp32; see <see cref="LoraLinearExactAvailable"/>.
+    /// <paramref name="aExactInBf16"/> promises that A's values are bf16 numbers (Bone's one-hot chunk sum): A is then
+    /// used as one term instead of three.
     /// </summary>
-    public static Tensor LoraLinearExact(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, double scaling) =>
-        Linear(Native.ft_lora_linear_exact(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero, a.Handle, b.Handle, scaling), x, weight, bias, a, b);
+    public static Tensor LoraLinearExact(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, double scaling, bool aExactInBf16 = false) =>
+        Linear(Native.ft_lora_linear_exact(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero, a.Handle, b.Handle, scaling, aExactInBf16 ? 1 : 0),
+            x, weight, bias, a, b);
 
     // Wraps a native result; the inputs stay reachable until the native call has returned.
     private static Tensor Linear(IntPtr handle, Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b)

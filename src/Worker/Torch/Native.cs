@@ -135,7 +135,7 @@ internal static unsafe class Native
     // ---- adapter operators (bone-family): AdapterOps.cs
     [DllImport(Lib)] internal static extern IntPtr ft_bat_linear(IntPtr x, IntPtr w, IntPtr b, IntPtr d, int grouping);
     [DllImport(Lib)] internal static extern IntPtr ft_lora_linear(IntPtr x, IntPtr w, IntPtr b, IntPtr a, IntPtr bm, double s);
-    [DllImport(Lib)] internal static extern IntPtr ft_lora_linear_exact(IntPtr x, IntPtr w, IntPtr b, IntPtr a, IntPtr bm, double s);
+    [DllImport(Lib)] internal static extern IntPtr ft_lora_linear_exact(IntPtr x, IntPtr w, IntPtr b, IntPtr a, IntPtr bm, double s, int aExact);
     [DllImport(Lib)] internal static extern int ft_lora_linear_exact_available(int deviceType);
     // ---- end adapter operators (bone-family)
     // ---------------------------------------------------------------- gpu-perf: training-path performance

@@ -1,6 +1,7 @@
 using FineTune.Domain.Models;
 using FineTune.Worker.Tests.Training;
 using FineTune.Worker.Torch;
+using FineTune.Worker.Training.Methods.Bone;
 using FineTune.Worker.Training.Model;
 
 namespace FineTune.Worker.Tests.Torch;
@@ -181,9 +182,10 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
     /// <summary>AdapterOps.LoraLinearExact (fp32 LoRA math over a bf16 base on bf16 tensor cores, three-term splits) against
     /// the composed fp32 form (x cast to fp32, fp32 GEMMs, the sum rounded once into the bf16 base output): the fp32
     /// gradients of A and B to fp32 accumulation error, the bf16 output and input gradient to bf16 rounding. CUDA with
-    /// the kernels and torch ≥ 2.8 only; elsewhere it must report itself unavailable and refuse clearly.</summary>
-    [Fact]
-    public void Exact_lora_linear_matches_the_composed_fp32_form()
+    /// the kernels and torch ≥ 2.8 only; elsewhere it must report itself unavailable and refuse clearly. aExact: A is a
+    /// one-hot matrix (Bone's chunk sum) passed as one bf16 term.</summary>
+    [Theory, InlineData(false), InlineData(true)]
+    public void Exact_lora_linear_matches_the_composed_fp32_form(bool aExact)
     {
         using var gen = new Generator(21);
         using var scope = DisposeScope.Begin();
@@ -191,12 +193,12 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
         const double s = 1.75;   // not a power of two: a scale applied in bf16 anywhere would show
         var x0 = Tensor.Randn([2, tokens / 2, inF], gen).To(Dev, ScalarType.BFloat16);
         var w = (Tensor.Randn([outF, inF], gen) * 0.2).To(Dev, ScalarType.BFloat16);
-        var a0 = (Tensor.Randn([r, inF], gen) * 0.3).To(Dev);
+        var a0 = aExact ? BoneLayer.LoraA(r, inF).To(Dev) : (Tensor.Randn([r, inF], gen) * 0.3).To(Dev);
         var b0 = (Tensor.Randn([outF, r], gen) * 0.3).To(Dev);
         var gy = Tensor.Randn([2, tokens / 2, outF], gen).To(Dev, ScalarType.BFloat16);
         if (!AdapterOps.LoraLinearExactAvailable(Dev))
         {
-            Assert.Contains("lora_linear_exact", Assert.Throws<TorchException>(() => AdapterOps.LoraLinearExact(x0, w, null, a0, b0, s)).Message);
+            Assert.Contains("lora_linear_exact", Assert.Throws<TorchException>(() => AdapterOps.LoraLinearExact(x0, w, null, a0, b0, s, aExact)).Message);
             Assert.False(Dev.Kind == DeviceKind.Cuda && Environment.GetEnvironmentVariable("FINETUNE_EXPECT_FUSED_KERNELS") == "1",
                 "FINETUNE_EXPECT_FUSED_KERNELS=1 but the exact LoRA node is not available on cuda");
             output.WriteLine($"exact LoRA node not available on {Dev}: checked that it refuses clearly");
@@ -208,7 +210,7 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
             var x = x0.Clone().RequiresGrad_();
             var a = a0.Clone().RequiresGrad_();
             var b = b0.Clone().RequiresGrad_();
-            var y = exact ? AdapterOps.LoraLinearExact(x, w, null, a, b, s)
+            var y = exact ? AdapterOps.LoraLinearExact(x, w, null, a, b, s, aExact)
                           : F.Linear(x, w).Add_(F.Linear(F.Linear(x.To(ScalarType.Float32), a), b) * s);
             (y.To(ScalarType.Float32) * gy.To(ScalarType.Float32)).Sum().Backward();
             return (y.Detach(), x.Grad!, a.Grad!, b.Grad!);
@@ -222,6 +224,7 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
         output.WriteLine($"exact vs composed fp32: y {dy:E2}, grad x {dgx:E2}, grad A {dga:E2}, grad B {dgb:E2}");
         Assert.True(dy < 2e-2 && dgx < 2e-2, $"bf16 results differ: y {dy}, grad x {dgx}");
         Assert.True(dga < 1e-4 && dgb < 1e-4, $"fp32 gradients differ: A {dga}, B {dgb}");
+        if (aExact) return;
         // bf16 operands for A and B (one term instead of three) would differ by ~4e-3: the split is what is measured.
         var bf16Ga = F.Linear(F.Linear(x0.To(ScalarType.Float32), a0.To(ScalarType.BFloat16).To(ScalarType.Float32)), b0);
         Assert.True(RelDiff(bf16Ga, F.Linear(F.Linear(x0.To(ScalarType.Float32), a0), b0)) > 1e-4, "the check cannot tell one term from three");

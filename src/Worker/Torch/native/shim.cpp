@@ -961,14 +961,17 @@ at::Tensor right_pairs(const at::Tensor& s3, int64_t r) {
   return at::cat({hi, s3.narrow(1, r, r), hi}, 1);
 }
 
+// a_exact: A's values are bf16 numbers (Bone's one-hot chunk sum), so A is one term instead of three.
 struct LoraLinearExact : public torch::autograd::Function<LoraLinearExact> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias,
-                            at::Tensor a, at::Tensor b, double s) {
+                            at::Tensor a, at::Tensor b, double s, bool a_exact) {
     const int64_t r = a.size(0), in = a.size(1), out = w.size(0);
+    const int64_t ka = a_exact ? 1 : 3;
     auto x2 = x.reshape({-1, in});
-    auto a3 = split3(a, 1.0, true);                                          // (3, r, in): A = Σ terms
-    auto p = at::mm(x2, a3.view({3 * r, in}).t(), at::kFloat);              // (N, 3r): x·A_kᵀ
-    auto t3 = sum3_split3(p, r, s);                                          // split of s·x Aᵀ, (N, 3r)
+    auto a3 = a_exact ? a.to(at::kBFloat16).contiguous().unsqueeze(0)       // (1, r, in): A itself
+                      : split3(a, 1.0, true);                                // (3, r, in): A = Σ terms
+    auto p = at::mm(x2, a3.view({ka * r, in}).t(), at::kFloat);             // (N, ka·r): x·A_kᵀ
+    auto t3 = a_exact ? split3(p, s, false) : sum3_split3(p, r, s);         // split of s·x Aᵀ, (N, 3r)
     auto b3 = split3(b, 1.0, false);                                         // (out, 3r): [B_hi | B_mid | B_lo]
     auto y2 = at::mm(left_pairs(t3, r), right_pairs(b3, r).t());             // s·(x Aᵀ) Bᵀ, bf16
     y2.addmm_(x2, w.t());                                                    // + x Wᵀ in the big GEMM
@@ -996,15 +999,17 @@ struct LoraLinearExact : public torch::autograd::Function<LoraLinearExact> {
     auto gt3 = sum3_split3(at::mm(g2, b3, at::kFloat), r, s);               // split of s·gy B, (N, 3r)
     at::Tensor gx, ga, gb;
     if (need & 1) {
-      // [gt_hi | gt_hi | gt_mid] · [A_hi; A_mid; A_hi], then + gy W in the big GEMM
-      auto ar = at::cat({a3.select(0, 0), a3.select(0, 1), a3.select(0, 0)}, 0);
-      gx = at::mm(left_pairs(gt3, r), ar);
+      // [gt_hi | gt_hi | gt_mid] · [A_hi; A_mid; A_hi] (one-term A: [gt_hi | gt_mid] · [A; A]), then + gy W in the big GEMM
+      const bool a_exact = a3.size(0) == 1;
+      auto ar = a_exact ? at::cat({a3.select(0, 0), a3.select(0, 0)}, 0)
+                        : at::cat({a3.select(0, 0), a3.select(0, 1), a3.select(0, 0)}, 0);
+      gx = at::mm(a_exact ? gt3.narrow(1, 0, 2 * r) : left_pairs(gt3, r), ar);
       gx.addmm_(g2, w);
       gx = gx.view(x.sizes());
     }
     if (need & 2) ga = at::mm(gt3.t(), x2, at::kFloat).view({3, r, in}).sum(0);          // gtᵀ x
     if (need & 4) gb = at::mm(g2.t(), t3, at::kFloat).view({out, 3, r}).sum(1);          // gyᵀ (s·x Aᵀ)
-    return {gx, at::Tensor(), at::Tensor(), ga, gb, at::Tensor()};
+    return {gx, at::Tensor(), at::Tensor(), ga, gb, at::Tensor(), at::Tensor()};
   }
 };
 }  // namespace
@@ -1020,8 +1025,9 @@ FT_API int ft_lora_linear_exact_available(int device_type) {
 #endif
 }
 
-// y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with x and W bf16 on CUDA, A (r, in) and B (out, r) fp32, computed as described above.
-FT_API T ft_lora_linear_exact(T x, T w, T b, T a, T bm, double s) {
+// y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with x and W bf16 on CUDA, A (r, in) and B (out, r) fp32, computed as described above;
+// a_exact != 0 promises that A's values are bf16 numbers (one term for A instead of three).
+FT_API T ft_lora_linear_exact(T x, T w, T b, T a, T bm, double s, int a_exact) {
   FT_TRY(nullptr, {
 #ifdef FT_SPLIT_GEMM
     TORCH_CHECK(x->is_cuda() && x->scalar_type() == at::kBFloat16 && w->scalar_type() == at::kBFloat16,
@@ -1035,9 +1041,9 @@ FT_API T ft_lora_linear_exact(T x, T w, T b, T a, T bm, double s) {
     c10::cuda::CUDAGuard guard(x->device());
     c10::optional<at::Tensor> bias;
     if (b) bias = *b;
-    return wrap(LoraLinearExact::apply(*x, *w, bias, *a, *bm, s));
+    return wrap(LoraLinearExact::apply(*x, *w, bias, *a, *bm, s, a_exact != 0));
 #else
-    (void)x; (void)w; (void)b; (void)a; (void)bm; (void)s;
+    (void)x; (void)w; (void)b; (void)a; (void)bm; (void)s; (void)a_exact;
     TORCH_CHECK(false, "lora_linear_exact needs CUDA, the fused kernels and libtorch >= 2.8 (this build has not)");
     return static_cast<T>(nullptr);
 #endif

@@ -52,7 +52,7 @@ public sealed class BoneLayer : IAdapterLayer, IWholeLinearAdapter
         // On the CPU the composed form stays: there FLOPs, not memory passes, are the cost, and the chunk sum as a
         // GEMM does r times the additions of the sum (the CPU benchmark measured Bone 12 % slower through the node).
         if (Merged || MiniR is not null || x.DType != Base.Weight.DType) return null;
-        // fp32 adapter math over a bf16 base on CUDA: LoRA's exact node (three-term splits; the one-hot A is exact).
+        // fp32 adapter math over a bf16 base on CUDA: LoRA's exact node (three-term splits; the one-hot A is one term).
         var exact = !Mixed && D.DType == ScalarType.Float32 && x.DType == ScalarType.BFloat16 && AdapterOps.LoraLinearExactAvailable(x.Device);
         var fused = exact || (Mixed && x.DType != D.DType) || (D.DType == x.DType && x.Device.Kind == DeviceKind.Cuda);
         if (!fused) return null;
@@ -63,7 +63,7 @@ public sealed class BoneLayer : IAdapterLayer, IWholeLinearAdapter
             using var scope = DisposeScope.Begin();
             _chunkSum = DisposeScope.Keep(LoraA(R, Base.InFeatures).To(x.Device, chunkDType));
         }
-        return exact ? AdapterOps.LoraLinearExact(x, Base.Weight, Base.Bias, _chunkSum, D.T(), 1.0)
+        return exact ? AdapterOps.LoraLinearExact(x, Base.Weight, Base.Bias, _chunkSum, D.T(), 1.0, aExactInBf16: true)
                      : AdapterOps.LoraLinear(x, Base.Weight, Base.Bias, _chunkSum, D.T(), 1.0);
     }
 
