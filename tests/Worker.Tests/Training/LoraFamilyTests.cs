@@ -129,6 +129,70 @@ public sealed class LoraFamilyTests
         Assert.True(TestData.MaxAbsDiff(layer.Magnitude.Grad!, gradM) < 1e-4);
     }
 
+    /// <summary>adapterDtype fp32 over a bf16 base (the composed path: the CPU, or no exact node): PEFT's arithmetic, the
+    /// adapter in fp32 on x cast to fp32 and the sum rounded once to bf16 (LoRA: base + s·(x Aᵀ) Bᵀ; DoRA: base + (f − 1)·
+    /// (base − b) + f·s·(x Aᵀ) Bᵀ), against the layer, which sums in place into the base output (and, for DoRA without
+    /// dropout, computes f·(x Wᵀ + s·(x Aᵀ) Bᵀ) + b). The output to bf16 rounding, the fp32 gradients to 1e-4.</summary>
+    [Theory]
+    [InlineData("lora", false), InlineData("lora", true), InlineData("dora", false), InlineData("dora", true)]
+    public void Fp32_adapter_math_over_a_bf16_base_is_PEFTs_formula(string method, bool withBias)
+    {
+        const int outF = 24, inF = 40, r = 4;
+        const double scaling = 1.75;   // not a power of two
+        using var gen = new Generator(31);
+        using var linear = new Linear(Tensor.Randn([outF, inF], gen).To(ScalarType.BFloat16),
+            withBias ? Tensor.Randn([outF], gen).To(ScalarType.BFloat16) : null);
+        IAdapterLayer layer = method == "lora"
+            ? new LoraLayer(linear, r, scaling, 0.0, gen, "default")
+            : new DoraLayer(linear, r, scaling, 0.0, gen, "default");
+        using var disposeLayer = layer;
+        using var scope = DisposeScope.Begin();
+        var (a, b) = layer is LoraLayer l ? (l.A, l.B) : (((DoraLayer)layer).A, ((DoraLayer)layer).B);
+        using (global::FineTune.Worker.Torch.Torch.NoGrad())
+        {
+            b.Copy_(Tensor.Randn([outF, r], gen) * 0.5);
+            if (layer is DoraLayer d0) d0.Magnitude.Copy_(d0.Magnitude * (Tensor.Rand([outF], gen) + 0.5));
+        }
+        linear.Adapter = layer;
+        var x = Tensor.Randn([2, 6, inF], gen).To(ScalarType.BFloat16);
+        var gy = Tensor.Randn([2, 6, outF], gen).To(ScalarType.BFloat16);
+
+        var y = linear.Forward(x);
+        (y.To(ScalarType.Float32) * gy.To(ScalarType.Float32)).Sum().Backward();
+        var (ga, gb) = (a.Grad!.Clone(), b.Grad!.Clone());
+        var gm = layer is DoraLayer dm ? dm.Magnitude.Grad!.Clone() : null;
+
+        var a2 = a.Detach().Clone().RequiresGrad_();
+        var b2 = b.Detach().Clone().RequiresGrad_();
+        var baseOut = F.Linear(x, linear.Weight, linear.Bias);
+        var u = F.Linear(F.Linear(x.To(ScalarType.Float32), a2), b2) * scaling;
+        Tensor reference;
+        Tensor? m2 = null;
+        if (layer is DoraLayer dl)
+        {
+            m2 = dl.Magnitude.Detach().Clone().RequiresGrad_();
+            var f = m2 / dl.WeightNorm();
+            var wx = (withBias ? baseOut - linear.Bias! : baseOut).To(ScalarType.Float32);
+            reference = (baseOut + (f - 1) * wx + f * u).To(ScalarType.BFloat16);
+        }
+        else reference = (baseOut.To(ScalarType.Float32) + u).To(ScalarType.BFloat16);
+        (reference.To(ScalarType.Float32) * gy.To(ScalarType.Float32)).Sum().Backward();
+
+        Assert.Equal(ScalarType.BFloat16, y.DType);
+        Assert.True(MaxRelativeTo(y, reference) < 1e-2, $"output differs by {MaxRelativeTo(y, reference)}");
+        Assert.True(MaxRelativeTo(ga, a2.Grad!) < 1e-4, $"grad A differs by {MaxRelativeTo(ga, a2.Grad!)}");
+        Assert.True(MaxRelativeTo(gb, b2.Grad!) < 1e-4, $"grad B differs by {MaxRelativeTo(gb, b2.Grad!)}");
+        if (gm is not null) Assert.True(MaxRelativeTo(gm, m2!.Grad!) < 1e-3, $"grad m differs by {MaxRelativeTo(gm, m2!.Grad!)}");
+    }
+
+    /// <summary>max |a − b| over max |b| (fp32).</summary>
+    private static double MaxRelativeTo(Tensor a, Tensor b)
+    {
+        using var scope = DisposeScope.Begin();
+        var b32 = b.To(ScalarType.Float32);
+        return (a.To(ScalarType.Float32) - b32).Abs().Max().ItemDouble() / b32.Abs().Max().ItemDouble();
+    }
+
     /// <summary>‖W + s·B·A‖ per row, materialised in fp32: the reference the factored norm must reproduce.</summary>
     private static Tensor MaterialisedNorm(DoraLayer layer) =>
         (layer.Base.Weight.To(ScalarType.Float32) + layer.B.MatMul(layer.A) * layer.Scaling).Norm(2, [1]);

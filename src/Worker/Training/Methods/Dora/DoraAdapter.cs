@@ -130,8 +130,8 @@ public sealed class DoraLayer : IAdapterLayer, IWholeLinearAdapter
         if (wx32.DType != ScalarType.Float32) wx32 = wx32.To(ScalarType.Float32);
         var lowRank = AdapterInput.ScaledLowRank(h, A, B, Scaling);
         var yf = (fresh ? wx32.Add_(lowRank) : wx32 + lowRank) * f;
-        if (yf.DType != baseOutput.DType) yf = yf.To(baseOutput.DType);
-        return Base.Bias is null ? yf : yf + Base.Bias;
+        if (Base.Bias is not null) yf = yf + Base.Bias;   // before the one rounding to the base's dtype
+        return yf.DType == baseOutput.DType ? yf : yf.To(baseOutput.DType);
     }
 
     /// <summary>ΔW = f·(W + s·B·A) − W (fp32). Merged, W holds W' = f·(W₀ + s·B·A), so W₀ = W'/f − s·B·A with the f of
