@@ -45,12 +45,29 @@ def ratio(a, b, spec="{:.2f}x"):
 
 def loss_agreement(a, b):
     """Max over the common steps of |ours - peft| / |peft|, and the number of steps compared."""
+    d = loss_differences(a, b)
+    return (max(x for _, x in d), len(d)) if d else (None, 0)
+
+
+def loss_differences(a, b):
+    """(step, |ours - peft| / |peft|) for each step both sides logged."""
     if not a or not b:
-        return None, 0
-    pairs = [(x, y) for x, y in zip(a, b) if num(x) is not None and num(y) is not None and y != 0]
-    if not pairs:
-        return None, 0
-    return max(abs(x - y) / abs(y) for x, y in pairs), len(pairs)
+        return []
+    return [(i, abs(x - y) / abs(y)) for i, (x, y) in enumerate(zip(a, b))
+            if num(x) is not None and num(y) is not None and y != 0]
+
+
+def agreement_cell(a, b):
+    """The table's loss-agreement cell: the worst step (where an early loss spike amplifies rounding, the max alone
+    misleads) and the median step."""
+    d = loss_differences(a, b)
+    if not d:
+        return "-"
+    step, worst = max(d, key=lambda t: t[1])
+    median = sorted(x for _, x in d)[len(d) // 2]
+    if len(d) < 20:
+        return f"{pct(worst)} over {len(d)} steps"
+    return f"max {worst * 100:.2f}% (step {step}), median {median * 100:.3f}%, over {len(d)} steps"
 
 
 def rows_by_config(doc):
@@ -126,13 +143,13 @@ def build(args):
         out += rows_table if p_rows else []
         for cfg in (list(o_rows) + [c for c in p_rows if c not in o_rows]) if p_rows else []:
             o, p = o_rows.get(cfg, {}), p_rows.get(cfg, {})
-            agree, n = loss_agreement(o.get("losses"), p.get("losses"))
+            agree_cell = agreement_cell(o.get("losses"), p.get("losses"))
             notes = "; ".join(x for x in [
                 f"ours {o.get('status')}: {o.get('note')}" if o.get("status") not in (None, "ok") or o.get("note") else "",
                 f"PEFT {p.get('status')}: {p.get('note')}" if p.get("status") not in (None, "ok") or p.get("note") else ""] if x)
             out.append(f"| {cfg} | {fmt(o.get('tokens_per_s'))} | {fmt(p.get('tokens_per_s'))} | {ratio(o.get('tokens_per_s'), p.get('tokens_per_s'))} "
                        f"| {fmt(o.get('peak_mem_gb'), '{:.1f}')} | {fmt(p.get('peak_mem_gb'), '{:.1f}')} | {pct(o.get('mfu'))} | {pct(p.get('mfu'))} "
-                       f"| {pct(agree) + f' over {n} steps' if agree is not None else '-'} | {fmt(o.get('trainable_params'))} / {fmt(p.get('trainable_params'))} | {notes} |")
+                       f"| {agree_cell} | {fmt(o.get('trainable_params'))} / {fmt(p.get('trainable_params'))} | {notes} |")
         if p_rows:
             out.append("")
             out += targets(o_rows, p_rows)
