@@ -81,7 +81,8 @@ public static class Cuda
     /// <summary>Whether the shim was compiled against a CUDA libtorch (memory statistics are 0 otherwise).</summary>
     public static bool IsCudaBuild { get { Native.EnsureLoaded(); return Native.ft_has_cuda_build() != 0; } }
     /// <summary>Whether the shim was built with its own CUDA kernels (fused_kernels.cu: <see cref="F.Rotary"/> and
-    /// <see cref="F.SwiGlu"/> run one kernel each way on CUDA); false: those ops run their composite libtorch version.</summary>
+    /// <see cref="F.SwiGlu"/> run one kernel each way on CUDA, <see cref="F.LinearCrossEntropy"/> one per chunk, and
+    /// <see cref="AdapterOps.LoraLinearExact"/> exists); false: those ops run their composite libtorch version.</summary>
     public static bool FusedKernelsAvailable { get { Native.EnsureLoaded(); return Native.ft_fused_kernels_available() != 0; } }
     public static void Synchronize(int device = -1) { Native.EnsureLoaded(); Native.Check(Native.ft_cuda_synchronize(device)); }
     public static long MemoryAllocated(int device = 0) { Native.EnsureLoaded(); return Native.Check(Native.ft_cuda_memory_stat(device, 0)); }

@@ -1,5 +1,6 @@
-// Fused elementwise training ops, one kernel each way: HF rotary embedding, SwiGLU (silu(gate)·up) and the rows of
-// a cross-entropy (loss and softmax − one-hot).
+// Fused training kernels: HF rotary embedding and SwiGLU (silu(gate)·up), one kernel each way; the rows of a
+// cross-entropy (loss and softmax − one-hot); and the exact three-term bf16 split of fp32 that LoRA's exact node
+// (shim.cpp) runs its fp32 products on.
 // Plain CUDA C++ without torch headers (shim.cpp hands over raw pointers of contiguous tensors and its current
 // stream), so this file builds with nothing but the CUDA toolkit. Storage is fp32, fp16 or bf16; the math is fp32,
 // so every output is rounded once (the composite at:: version rounds after every op).
