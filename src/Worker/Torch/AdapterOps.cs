@@ -38,11 +38,22 @@ public static class AdapterOps
 
     /// <summary>Whether <see cref="LoraLinearExact"/> runs on <paramref name="device"/>: CUDA, with the shim's kernels, on
     /// libtorch ≥ 2.8.</summary>
-    public static bool LoraLinearExactAvailable(Device device)
+    public static bool LoraLinearExactAvailable(Device device) => device.Kind == DeviceKind.Cuda ? ExactOnCuda.Value : ExactOnCpu.Value;
+
+    // Asked by every adapted module in every forward: read from the shim once per device kind.
+    private static readonly Lazy<bool> ExactOnCuda = new(() => ExactAvailable(Device.Cuda()));
+    private static readonly Lazy<bool> ExactOnCpu = new(() => ExactAvailable(Device.Cpu));
+
+    private static bool ExactAvailable(Device device)
     {
         Native.EnsureLoaded();
         return Native.ft_lora_linear_exact_available(device.NativeType) != 0;
     }
+
+    /// <summary>Whether fp32 adapter math (adapter tensors of <paramref name="adapterDType"/>) on <paramref name="x"/> takes
+    /// <see cref="LoraLinearExact"/>: fp32 adapters over a bf16 input where the node is available.</summary>
+    public static bool LoraLinearExactApplies(Tensor x, ScalarType adapterDType) =>
+        adapterDType == ScalarType.Float32 && x.DType == ScalarType.BFloat16 && LoraLinearExactAvailable(x.Device);
 
     /// <summary>
     /// The same y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with fp32 adapter math (adapterDtype fp32) over a bf16 base, without fp32

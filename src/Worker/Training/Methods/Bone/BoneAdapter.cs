@@ -53,7 +53,7 @@ public sealed class BoneLayer : IAdapterLayer, IWholeLinearAdapter
         // GEMM does r times the additions of the sum (the CPU benchmark measured Bone 12 % slower through the node).
         if (Merged || MiniR is not null || x.DType != Base.Weight.DType) return null;
         // fp32 adapter math over a bf16 base on CUDA: LoRA's exact node (three-term splits; the one-hot A is one term).
-        var exact = !Mixed && D.DType == ScalarType.Float32 && x.DType == ScalarType.BFloat16 && AdapterOps.LoraLinearExactAvailable(x.Device);
+        var exact = !Mixed && AdapterOps.LoraLinearExactApplies(x, D.DType);
         var fused = exact || (Mixed && x.DType != D.DType) || (D.DType == x.DType && x.Device.Kind == DeviceKind.Cuda);
         if (!fused) return null;
         var chunkDType = exact ? ScalarType.Float32 : x.DType;

@@ -111,7 +111,7 @@ public sealed class LoraLayer : IAdapterLayer, IWholeLinearAdapter
         if (Merged || (Dropout > 0 && Training) || x.DType != Base.Weight.DType) return null;
         if (Mixed || A.DType == x.DType) return AdapterOps.LoraLinear(x, Base.Weight, Base.Bias, A, B, Scaling);
         // fp32 adapter math over a bf16 base: the same node on bf16 tensor cores over exact three-term splits.
-        if (A.DType == ScalarType.Float32 && x.DType == ScalarType.BFloat16 && AdapterOps.LoraLinearExactAvailable(x.Device))
+        if (AdapterOps.LoraLinearExactApplies(x, A.DType))
             return AdapterOps.LoraLinearExact(x, Base.Weight, Base.Bias, A, B, Scaling);
         return null;
     }

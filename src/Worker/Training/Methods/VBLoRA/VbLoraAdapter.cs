@@ -80,7 +80,7 @@ public sealed class VbLoraLayer : IAdapterLayer, IWholeLinearAdapter
     {
         if (Merged || (Dropout > 0 && Training) || x.DType != Base.Weight.DType) return null;
         var dtype = Bank.DType;   // the composed factors' dtype
-        var exact = !Mixed && dtype == ScalarType.Float32 && x.DType == ScalarType.BFloat16 && AdapterOps.LoraLinearExactAvailable(x.Device);
+        var exact = !Mixed && AdapterOps.LoraLinearExactApplies(x, dtype);
         if (!(Mixed || dtype == x.DType || exact)) return null;
         var (a, b) = CurrentFactors();
         return exact ? AdapterOps.LoraLinearExact(x, Base.Weight, Base.Bias, a, b, 1.0)
