@@ -10,6 +10,8 @@
 #
 # Options: --parts build,tests,check,micro,train (default all) --configs A,B,... (training rows, default
 #   lora,lora+mixed,lora+bf16,lora+mixed+gc,dora,dora+mixed,bone,bone+mixed,bat,vblora,vblora+mixed) --lr X (AdamW, constant; default 1e-3) --warmup N --steps N --seq N --batch N --preset 1b|small
+#   --peft-rerun (PEFT trains every row a second time on the same inputs: its own run-to-run loss difference, the
+#   scale against which the loss check's 2 % reads)
 #   --tests "ARGS" (xunit v3 runner arguments, e.g. "-class FineTune.Worker.Tests.Training.PerformanceTests")
 #   --profile A,B (rows that get one extra step under the kernel profilers, ours and PyTorch's; default lora+mixed; "" for none)
 #   --pack DIR (what pack.sh wrote, default .device)  --device cuda:N (default cuda:0; "cpu" only to try the script)
@@ -18,7 +20,7 @@ REPO_ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$REPO_ROOT"
 
 out="" deadline=540 parts="build,tests,check,micro,train" configs="lora,lora+mixed,lora+bf16,lora+mixed+gc,dora,dora+mixed,bone,bone+mixed,bat,vblora,vblora+mixed"
-lr=1e-3 warmup=3 steps=10 seq=2048 batch=4 preset=1b tests_args="" pack="$REPO_ROOT/.device" profile="lora+mixed" device="cuda:0"
+peft_rerun=0 lr=1e-3 warmup=3 steps=10 seq=2048 batch=4 preset=1b tests_args="" pack="$REPO_ROOT/.device" profile="lora+mixed" device="cuda:0"
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
     --batch) batch="$2"; shift 2 ;;
     --preset) preset="$2"; shift 2 ;;
     --tests) tests_args="$2"; shift 2 ;;
+    --peft-rerun) peft_rerun=1; shift ;;
     --profile) profile="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
     --pack) pack="$(realpath -m "$2")"; shift 2 ;;
@@ -80,7 +83,7 @@ finish() {
     grep -E "^\s*\[FAIL\]" "$logs/tests.log" | head -n 20 >> "$tests_summary" || true
   fi
   python3 tests/bench/report.py build --title "GPU ($(date -u +%Y-%m-%d))" \
-    --ours "$logs/train-ours.json" --peft "$logs/train-peft.json" \
+    --ours "$logs/train-ours.json" --peft "$logs/train-peft.json" --peft-rerun "$logs/train-peft-rerun.json" \
     --micro-ours "$logs/micro-ours.json" --micro-torch "$logs/micro-torch.json" \
     --tests "$tests_summary" --status "$status" --traces "$logs/traces" --md "$out/benchmarks.md" --json "$out/results.json" > "$logs/report.log" 2>&1 \
     || { log "report failed:"; tail -n 20 "$logs/report.log" | tee -a "$logs/suite.log" >&2; }
@@ -149,13 +152,20 @@ if want train; then
   fi
   rm -rf "$work/init"
   if [ -f "$model/model.safetensors" ]; then
-    # Ours gets about half of what is left, PEFT the rest (a row that no longer fits is skipped, not cut).
-    half=$(( ($(left) - 40) / 2 ))
+    # Ours gets about half of what is left (a third with --peft-rerun), PEFT the rest (a row that no longer fits is
+    # skipped, not cut).
+    half=$(( ($(left) - 40) / (2 + peft_rerun) ))
     step train-ours 60 "$half" "${run[@]}" dotnet "$dll" bench train --device "$device" --model "$model" "${common[@]}" "${peak_args[@]}" \
       --init-dir "$work/init" --deadline $(( half - 40 )) --json "$logs/train-ours.json"
-    rest=$(( $(left) - 40 ))
+    rest=$(( ($(left) - 40) / (1 + peft_rerun) ))
     step train-peft 60 "$rest" python3 tests/bench/peft_bench.py --model "$model" "${common[@]}" "${peak_args[@]}" \
       --init-dir "$work/init" --deadline $(( rest - 60 )) --json "$logs/train-peft.json"
+    if [ "$peft_rerun" = 1 ]; then
+      rest=$(( $(left) - 40 ))
+      # No profile the second time: the rerun is only for its losses.
+      step train-peft-rerun 60 "$rest" python3 tests/bench/peft_bench.py --model "$model" "${common[@]}" --profile "" "${peak_args[@]}" \
+        --init-dir "$work/init" --deadline $(( rest - 60 )) --json "$logs/train-peft-rerun.json"
+    fi
   else
     # Without the shared folder PEFT cannot run on the same weights; ours still measures on the in-memory preset.
     log "no model folder: ours on the in-memory preset, PEFT skipped"

@@ -3,7 +3,8 @@
 a section of docs/benchmarks.md. Plain Python (no torch), so it runs on either machine.
 
   report.py build --ours train-ours.json --peft train-peft.json --micro-ours micro-ours.json --micro-torch micro-torch.json \
-                  [--tests tests.summary] [--status status.tsv] [--title ...] --md benchmarks.md --json results.json
+                  [--peft-rerun train-peft-rerun.json] [--tests tests.summary] [--status status.tsv] [--title ...] \
+                  --md benchmarks.md --json results.json
   report.py splice docs/benchmarks.md gpu run1/benchmarks.md [run2/benchmarks.md]   # replaces the text between
                                                    # <!-- gpu:begin --> and <!-- gpu:end --> with the reports, in order
 """
@@ -77,6 +78,9 @@ def rows_by_config(doc):
 
 def build(args):
     ours, peft = load(args.ours), load(args.peft)
+    # PEFT run a second time on the same inputs: its own run-to-run difference, the noise floor of the loss check.
+    peft_rerun = load(args.peft_rerun)
+    rerun_rows, _ = rows_by_config(peft_rerun)
     micro_ours = load(args.micro_ours)
     micro_ours = (micro_ours or {}).get("micro", micro_ours)
     micro_torch = load(args.micro_torch)
@@ -138,8 +142,10 @@ def build(args):
                            f"| {pct(o.get('mfu'))} | {fmt(o.get('trainable_params'))} | {fmt(losses[0] if losses else None, '{:.4f}')} "
                            f"| {fmt(losses[-1] if losses else None, '{:.4f}')} | {o.get('status')}{': ' + o['note'] if o.get('note') else ''} |")
             out.append("")
-        rows_table = ["| config | ours tok/s | PEFT tok/s | ours/PEFT | ours peak GB | PEFT peak GB | ours MFU | PEFT MFU | loss agreement | trainable (ours / PEFT) | notes |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        rerun_col = " PEFT vs its rerun |" if rerun_rows else ""
+        rows_table = ["| config | ours tok/s | PEFT tok/s | ours/PEFT | ours peak GB | PEFT peak GB | ours MFU | PEFT MFU | loss agreement |"
+                      + rerun_col + " trainable (ours / PEFT) | notes |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if rerun_rows else "") + "---:|---|"]
         out += rows_table if p_rows else []
         for cfg in (list(o_rows) + [c for c in p_rows if c not in o_rows]) if p_rows else []:
             o, p = o_rows.get(cfg, {}), p_rows.get(cfg, {})
@@ -149,10 +155,11 @@ def build(args):
                 f"PEFT {p.get('status')}: {p.get('note')}" if p.get("status") not in (None, "ok") or p.get("note") else ""] if x)
             out.append(f"| {cfg} | {fmt(o.get('tokens_per_s'))} | {fmt(p.get('tokens_per_s'))} | {ratio(o.get('tokens_per_s'), p.get('tokens_per_s'))} "
                        f"| {fmt(o.get('peak_mem_gb'), '{:.1f}')} | {fmt(p.get('peak_mem_gb'), '{:.1f}')} | {pct(o.get('mfu'))} | {pct(p.get('mfu'))} "
-                       f"| {agree_cell} | {fmt(o.get('trainable_params'))} / {fmt(p.get('trainable_params'))} | {notes} |")
+                       f"| {agree_cell} |" + (f" {agreement_cell((rerun_rows.get(cfg) or {}).get('losses'), p.get('losses'))} |" if rerun_rows else "")
+                       + f" {fmt(o.get('trainable_params'))} / {fmt(p.get('trainable_params'))} | {notes} |")
         if p_rows:
             out.append("")
-            out += targets(o_rows, p_rows)
+            out += targets(o_rows, p_rows, rerun_rows)
 
     if args.traces and os.path.isdir(args.traces):
         out += profiles(args.traces)
@@ -171,7 +178,7 @@ def build(args):
             f.write(md)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(ours=ours, peft=peft, micro_ours=micro_ours, micro_torch=micro_torch, tests=tests, status=status), f, indent=1)
+            json.dump(dict(ours=ours, peft=peft, peft_rerun=peft_rerun, micro_ours=micro_ours, micro_torch=micro_torch, tests=tests, status=status), f, indent=1)
     print(md)
 
 
@@ -241,6 +248,41 @@ def launchers(path, kinds=("elementwise/other", "softmax/loss", "reduction", "co
     return out
 
 
+def gpu_idle(path):
+    """Where the GPU sits idle in a profiled step: (span, busy, idle waiting for a launch, idle between queued kernels),
+    in µs. A gap before a kernel counts as waiting for the CPU when the kernel started within 20 µs of its launch call
+    (the queue was empty); otherwise the kernel was queued and the gap is the GPU's own kernel-to-kernel latency, which
+    only fewer kernels (fusion) or a CUDA graph shortens. Also the CPU's lead at the end of the step: how long before the
+    GPU finished the step's work the CPU had launched all of it (what a following step's launches would overlap)."""
+    try:
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    except (OSError, ValueError):
+        return None
+    kernels = sorted((e for e in events if e.get("ph") == "X" and str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: float(e.get("ts", 0)))
+    launch = {(e.get("args") or {}).get("correlation"): float(e.get("ts", 0)) for e in events
+              if e.get("ph") == "X" and str(e.get("cat", "")).lower() == "cuda_runtime" and (e.get("args") or {}).get("correlation") is not None}
+    if not kernels:
+        return None
+    start = end = float(kernels[0]["ts"])
+    busy = starved = queued = 0.0
+    last_launch = 0.0
+    for e in kernels:
+        s, d = float(e.get("ts", 0)), float(e.get("dur", 0))
+        issued = launch.get((e.get("args") or {}).get("correlation"))
+        if issued is not None:
+            last_launch = max(last_launch, issued)
+        if s > end:
+            if issued is not None and s - issued < 20:
+                starved += s - end
+            else:
+                queued += s - end
+        busy += max(0.0, s + d - max(s, end))
+        end = max(end, s + d)
+    return dict(span=end - start, busy=busy, starved=starved, queued=queued, lead=end - last_launch if last_launch else None)
+
+
 def kind_of(name):
     n = name.lower()
     if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "gemv", "splitk")):
@@ -279,6 +321,15 @@ def profiles(folder):
             o, p = v.get("ours", [0, 0]), v.get("peft", [0, 0])
             lines.append(f"| {kind} | {o[0] / 1000:.1f} | {o[1]} | {p[0] / 1000:.1f} | {p[1]} |")
         lines.append(f"| **all kernels** | {total['ours'] / 1000:.1f} | {count['ours']} | {total['peft'] / 1000:.1f} | {count['peft']} |")
+        idle = {side: gpu_idle(os.path.join(folder, f"{label}-{side}.trace.json")) for side in ("ours", "peft")}
+        if any(idle.values()):
+            def cell(side, key):
+                v = (idle.get(side) or {}).get(key)
+                return "-" if v is None else f"{v / 1000:.1f}"
+            lines += [f"| GPU busy / step span (ms) | {cell('ours', 'busy')} / {cell('ours', 'span')} | | {cell('peft', 'busy')} / {cell('peft', 'span')} | |",
+                      f"| idle, waiting for the CPU to launch | {cell('ours', 'starved')} | | {cell('peft', 'starved')} | |",
+                      f"| idle between queued kernels | {cell('ours', 'queued')} | | {cell('peft', 'queued')} | |",
+                      f"| CPU's lead at the step's end | {cell('ours', 'lead')} | | {cell('peft', 'lead')} | |"]
         lines += ["", "Top kernels (ours):", ""]
         for name, (us, n) in sorted((sides["ours"] or {}).items(), key=lambda kv: -kv[1][0])[:12]:
             lines.append(f"- {us / 1000:.1f} ms, {n}x `{name[:110]}`")
@@ -292,7 +343,7 @@ def profiles(folder):
     return lines
 
 
-def targets(o, p):
+def targets(o, p, rerun=None):
     """Issue 7's targets, checked on this run's numbers."""
     def tps(rows, c):
         return num((rows.get(c) or {}).get("tokens_per_s"))
@@ -346,6 +397,10 @@ def targets(o, p):
         if a is not None and "init: ours" in str((p.get(c) or {}).get("note", "")):
             worst = a if worst is None else max(worst, a)
     add("same loss curve as PEFT within 2% (rows that started from our init)", pct(worst), None if worst is None else worst <= 0.02)
+    own = [loss_agreement((rerun.get(c) or {}).get("losses"), (p.get(c) or {}).get("losses"))[0] for c in (rerun or {})]
+    own = [x for x in own if x is not None]
+    if own:
+        add("for scale: PEFT's own run-to-run difference (same inputs, run twice)", pct(max(own)), None)
     return lines + [""]
 
 
@@ -370,7 +425,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
-    for k in ("ours", "peft", "micro-ours", "micro-torch", "tests", "status", "md", "json", "traces"):
+    for k in ("ours", "peft", "peft-rerun", "micro-ours", "micro-torch", "tests", "status", "md", "json", "traces"):
         b.add_argument(f"--{k}")
     b.add_argument("--title", default="GPU")
     s = sub.add_parser("splice")
