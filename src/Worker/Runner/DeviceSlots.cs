@@ -6,8 +6,8 @@ namespace FineTune.Worker.Runner;
 /// The devices of this node, one job each: a node with N GPUs runs N jobs at once, each pinned to its own GPU.
 /// Quartz's thread pool already caps concurrency at the slot count; this hands each running job a distinct device.
 /// The job creates every tensor on its lease's device, and the trainer makes that device the current CUDA device at
-/// each step (the current device is per thread, and a job resumes on any pool thread after an await) and reseeds
-/// only that device's generator, so jobs on the other GPUs keep their dropout streams.
+/// each step (the current device is per thread, and a job resumes on any pool thread after an await). Its dropout masks
+/// come from its own seeds, never from a generator that the node's other jobs share (ConcurrentJobsTests).
 /// </summary>
 public sealed class DeviceSlots
 {

@@ -60,6 +60,13 @@ public static class F
 
     public static Tensor Dropout(Tensor x, double p, bool training) => Call(Native.ft_dropout(x.Handle, p, training ? 1 : 0), x);
 
+    /// <summary>Dropout whose mask depends on <paramref name="seed"/> alone (a generator made for the call on x's
+    /// device), not on the device's shared default generator: concurrent jobs on one device cannot shift each other's
+    /// masks, and a recompute with the same seed (activation checkpointing, a resumed run) draws the same mask.
+    /// Returns x itself when not training or p = 0.</summary>
+    public static Tensor Dropout(Tensor x, double p, bool training, long seed) =>
+        !training || p == 0 ? x : Call(Native.ft_dropout_seeded(x.Handle, p, seed), x);
+
     private static Tensor Call(IntPtr h, Tensor a, Tensor? b = null, Tensor? c = null, Tensor? d = null)
     {
         var r = Tensor.Wrap(h);

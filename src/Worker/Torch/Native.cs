@@ -124,6 +124,7 @@ internal static unsafe class Native
     [DllImport(Lib)] internal static extern IntPtr ft_sdpa(IntPtr q, IntPtr k, IntPtr v, IntPtr mask, int isCausal, double dropoutP);
     [DllImport(Lib)] internal static extern IntPtr ft_rms_norm(IntPtr x, IntPtr w, double eps);
     [DllImport(Lib)] internal static extern IntPtr ft_dropout(IntPtr x, double p, int training);
+    [DllImport(Lib)] internal static extern IntPtr ft_dropout_seeded(IntPtr x, double p, long seed);
     [DllImport(Lib)] internal static extern int ft_svd(IntPtr a, int full, IntPtr* u, IntPtr* s, IntPtr* vh);
     [DllImport(Lib)] internal static extern int ft_qr(IntPtr a, int reduced, IntPtr* q, IntPtr* r);
 

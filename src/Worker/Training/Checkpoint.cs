@@ -19,7 +19,7 @@ public sealed record LoopState(long Step, DataPosition Position, long TokensSeen
 /// <c>adapter.&lt;PEFT name&gt;</c>, the optimizer state as <c>optim.&lt;key&gt;</c>, the method's own state if it has any
 /// (<see cref="IAdapterMethod.MethodState"/>, e.g. XGBLoRA's merged boosters) as <c>method.&lt;key&gt;</c>, and in <c>__metadata__</c> the loop
 /// state, seed, method and hyperparameters (to refuse a checkpoint of another job). Randomness needs no saved state:
-/// every step reseeds libtorch from (seed, step).
+/// each dropout mask is drawn from a generator seeded by (seed, step, micro-batch, layer).
 /// </summary>
 public static class Checkpoint
 {
@@ -52,7 +52,7 @@ public static class Checkpoint
             ["loss_window_sum"] = state.LossWindowSum.ToString("R", inv),
             ["loss_window_steps"] = state.LossWindowSteps.ToString(inv),
             ["seed"] = seed.ToString(inv),
-            ["rng"] = "libtorch reseeded per step from (seed, step)",
+            ["rng"] = "dropout masks seeded per (seed, step, micro-batch, layer)",
             ["train_examples"] = trainExamples.ToString(inv),
             ["method"] = JsonSerializer.Serialize(method.Spec, Json),
             ["hyperparameters"] = JsonSerializer.Serialize(hyper, Json),

@@ -68,7 +68,6 @@ public sealed class Trainer
         var dtype = spec.Device.Kind == DeviceKind.Cpu ? ScalarType.Float32 : spec.ComputeDType;
 
         UseDevice(spec.Device);
-        Torch.Torch.ManualSeed(hyper.Seed, spec.Device);
         using var model = Llama.Load(spec.ModelDir, spec.Device, dtype);
         model.GradientCheckpointing = hyper.GradientCheckpointing;
         CheckVocabulary(data.Examples.Concat(validation ?? []), model.Config.VocabSize);
@@ -155,15 +154,16 @@ public sealed class Trainer
         var device = model.Device;
         // The current CUDA device is per thread, and an async job resumes on any pool thread: set it every step.
         UseDevice(device);
-        // Dropout draws from the device's default generator: reseeding it per step makes a resumed run draw the same
-        // masks. Only this job's device is reseeded, not the node's other GPUs (other jobs).
-        Torch.Torch.ManualSeed(StepSeed(hyper.Seed, step), device);
         method.BeginStep(step);
         // Normalise by all label tokens of the step, so every token weighs the same whatever micro-batch it is in.
         double lossTokens = Math.Max(1, batches.Sum(b => b.LossTokens));
-        foreach (var b in batches)
+        for (var i = 0; i < batches.Count; i++)
         {
+            var b = batches[i];
             using var scope = DisposeScope.Begin();
+            // Dropout masks are seeded per (job seed, step, micro-batch, layer), never from a generator the device's
+            // other jobs share: a resumed run draws the same masks, whatever else runs on the node.
+            method.BeginMicroBatch(step, i);
             var ids = Tensor.FromAsync<long>(b.Ids, [b.Rows, b.Length], device);
             var labels = Tensor.FromAsync<long>(b.Labels, [b.Rows, b.Length], device);
             var (positions, mask) = PackedInputs(b, device);

@@ -122,6 +122,36 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
         Assert.True(reference.Gg.Abs().Sum().ItemDouble() > 0);
     }
 
+    /// <summary>F.Dropout with a seed (CUDA: the fused kernel over a generator made for the call; CPU: a Bernoulli mask):
+    /// the mask is a function of the seed alone, whatever the device's default generator does in between; kept values
+    /// are scaled by 1/(1 − p), the drop rate is p, and the gradient is the mask scaled the same way.</summary>
+    [Theory, InlineData(ScalarType.Float32), InlineData(ScalarType.BFloat16)]
+    public void Seeded_dropout_is_a_function_of_its_seed_and_scales_the_kept_values(ScalarType dtype)
+    {
+        using var scope = DisposeScope.Begin();
+        const double p = 0.25;
+        var x = Tensor.Ones([64, 512], dtype, Dev);
+        var a = F.Dropout(x, p, training: true, seed: 1234);
+        // A second call draws again from the device's generator if it used one; a seeded call draws the same mask.
+        var again = F.Dropout(x, p, training: true, seed: 1234);
+        var other = F.Dropout(x, p, training: true, seed: 1235);
+        Assert.Equal(0, (a - again).Abs().Max().ItemDouble());
+        Assert.True((a - other).Abs().Max().ItemDouble() > 0, "another seed drew the same mask");
+        var kept = a.Ne(0.0).To(ScalarType.Float32).Mean().ItemDouble();
+        Assert.InRange(kept, 1 - p - 0.02, 1 - p + 0.02);   // 32,768 draws: the rate within ~5 standard deviations
+        var scaled = a.To(ScalarType.Float32);
+        var scale = Tensor.Full([], 1 / (1 - p), dtype).ItemDouble();   // 1/(1 − p) in x's dtype
+        Assert.Equal(scale, scaled.Max().ItemDouble(), 1e-6);
+        Assert.Equal(0, (scaled * (scaled - scale)).Abs().Max().ItemDouble());   // every value is 0 or 1/(1 − p)
+        Assert.Same(x, F.Dropout(x, p, training: false, seed: 1234));
+        Assert.Same(x, F.Dropout(x, 0, training: true, seed: 1234));
+
+        var xg = Tensor.Ones([64, 512], dtype, Dev).RequiresGrad_();
+        var y = F.Dropout(xg, p, training: true, seed: 1234);
+        y.To(ScalarType.Float32).Sum().Backward();
+        Assert.Equal(0, (xg.Grad!.To(ScalarType.Float32) - scaled).Abs().Max().ItemDouble());
+    }
+
     /// <summary>F.LinearCrossEntropy (on CUDA one kernel per chunk: row log-sum-exp and softmax − one-hot in place) against
     /// cross_entropy of the full logits, differentiated by autograd: loss and both gradients, with ignored targets, a
     /// short last chunk, vocabularies that take the kernel's vector form (v % 8 = 0, several loads per thread) and its

@@ -608,6 +608,31 @@ FT_API T ft_rms_norm(T x, T w, double eps) {
 FT_API T ft_dropout(T x, double p, int training) {
   FT_TRY(nullptr, { return wrap(at::dropout(*x, p, training != 0)); })
 }
+// Training-mode dropout whose mask is a function of `seed` alone: a generator of x's device, created and seeded for
+// this call, instead of the device's default generator, which every job on the device shares (two jobs of one CPU
+// node, or anything else drawing on a GPU, would shift each other's masks). An activation-checkpoint recompute with the
+// same seed draws the same mask. CUDA: one fused kernel (mask and output, the mask saved as bytes for backward);
+// CPU: a bool Bernoulli mask and a product.
+FT_API T ft_dropout_seeded(T x, double p, int64_t seed) {
+  FT_TRY(nullptr, {
+    TORCH_CHECK(p >= 0 && p < 1, "dropout: p must be in [0, 1), got ", p);
+    at::Generator g;
+    if (x->is_cuda()) {
+      auto def = at::globalContext().defaultGenerator(x->device());
+      std::lock_guard<std::mutex> lock(def.mutex());
+      g = def.clone();
+    } else {
+      g = at::detail::createCPUGenerator(static_cast<uint64_t>(seed));
+    }
+    {
+      std::lock_guard<std::mutex> lock(g.mutex());
+      g.set_current_seed(static_cast<uint64_t>(seed));   // on CUDA this also resets the Philox offset
+    }
+    if (x->is_cuda()) return wrap(std::get<0>(at::_fused_dropout(*x, 1 - p, g)));
+    auto keep = at::empty(x->sizes(), x->options().dtype(at::kBool)).bernoulli_(1 - p, g);
+    return wrap(x->mul(keep).mul_(1.0 / (1 - p)));
+  })
+}
 
 // ---------------------------------------------------------------- linear algebra
 FT_API int ft_svd(T a, int full, T* u, T* s, T* vh) {

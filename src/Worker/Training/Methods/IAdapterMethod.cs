@@ -49,6 +49,9 @@ public interface IAdapterMethod : IDisposable
 
     /// <summary>Before the micro-batches of optimizer step <paramref name="step"/> (0-based).</summary>
     void BeginStep(long step);
+    /// <summary>Before micro-batch <paramref name="index"/> of step <paramref name="step"/>: gives each layer the seed of
+    /// its dropout mask, a function of (job seed, step, micro-batch, layer) only.</summary>
+    void BeginMicroBatch(long step, int index);
     /// <summary>A regularisation term added once per optimizer step (its backward runs after the micro-batches'); null if none.</summary>
     Tensor? Penalty();
     /// <summary>After every micro-batch's backward and the penalty's, before gradient clipping and the optimizer step.</summary>
@@ -78,6 +81,9 @@ public interface IAdapterLayer : ILinearAdapter, IDisposable
     Tensor DeltaWeight();
     bool Merged { get; set; }
     bool Training { get; set; }
+    /// <summary>Seed of this layer's dropout mask for the current micro-batch (<see cref="IAdapterMethod.BeginMicroBatch"/>);
+    /// layers without dropout ignore it.</summary>
+    long DropoutSeed { get => 0; set { } }
     /// <summary><c>adapterDtype: mixed</c>: the layer's math runs in its input's dtype (the base's) over fp32 tensors,
     /// each cast for its product, so their gradients come back in fp32 through the casts (torch.autocast's arithmetic).
     /// Layers whose method does not support it ignore it (submission refuses the combination).</summary>
@@ -156,6 +162,16 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
     public JsonObject? ExportInfo { get; protected set; }
 
     public virtual void BeginStep(long step) { }
+
+    public void BeginMicroBatch(long step, int index)
+    {
+        var layer = 0L;
+        foreach (var l in _layers.Values)
+        {
+            var s = (ulong)Trainer.StepSeed(Seed, step) ^ ((ulong)index * 0x9E3779B97F4A7C15UL) ^ ((ulong)++layer * 0xBF58476D1CE4E5B9UL);
+            l.DropoutSeed = (long)(Data.TrainingData.SplitMix64(ref s) >> 1);
+        }
+    }
     public virtual Tensor? Penalty() => null;
     public virtual void EndBackward() { }
     public virtual void AfterOptimizerStep(long step, AdamW optimizer) { }

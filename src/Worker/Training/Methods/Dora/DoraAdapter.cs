@@ -51,6 +51,7 @@ public sealed class DoraLayer : IAdapterLayer, IWholeLinearAdapter
     }
 
     public bool Training { get; set; } = true;
+    public long DropoutSeed { get; set; }
     public bool Mixed { get; set; }
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors =>
         [("lora_A.weight", A), ("lora_B.weight", B), ("lora_magnitude_vector", Magnitude)];
@@ -116,7 +117,7 @@ public sealed class DoraLayer : IAdapterLayer, IWholeLinearAdapter
         {
             // PEFT's formula: base + (f − 1)·(h Wᵀ) + f·s·(h Aᵀ) Bᵀ with h the dropped input. h Wᵀ in W's dtype, as the base
             // output is: an fp32 cast of W here would be an (out × in) copy per forward, kept until the backward.
-            h = F.Dropout(h, Dropout, true);
+            h = F.Dropout(h, Dropout, true, DropoutSeed);
             var w = Base.Weight;
             var wx = w.DType == ScalarType.Float32 ? F.Linear(h, w) : F.Linear(h.To(w.DType), w).To(ScalarType.Float32);
             var y = baseOutput + (f - 1) * wx + f * (F.Linear(F.Linear(h, A), B) * Scaling);

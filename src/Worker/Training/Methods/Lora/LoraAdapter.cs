@@ -24,6 +24,7 @@ public sealed class LoraLayer : IAdapterLayer, IWholeLinearAdapter
     public double Dropout { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
+    public long DropoutSeed { get; set; }
     public bool Mixed { get; set; }
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors => [("lora_A.weight", A), ("lora_B.weight", B)];
 
@@ -124,11 +125,11 @@ public sealed class LoraLayer : IAdapterLayer, IWholeLinearAdapter
         // output are never copied to fp32. bf16: the tensors are bf16 already.
         if (Mixed && x.DType != A.DType)
         {
-            var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
+            var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training, DropoutSeed) : x;
             return baseOutput.Add(AdapterInput.LowRank(hm, A, B), Scaling);
         }
         var h = AdapterInput.As(x, A.DType);
-        if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
+        if (Dropout > 0) h = F.Dropout(h, Dropout, Training, DropoutSeed);
         return AdapterInput.AddInto(baseOutput, AdapterInput.ScaledLowRank(h, A, B, Scaling));
     }
 

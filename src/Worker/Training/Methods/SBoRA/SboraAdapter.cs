@@ -24,6 +24,7 @@ public sealed class SboraLayer : IAdapterLayer
     public Tensor Index { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
+    public long DropoutSeed { get; set; }
     public bool Mixed { get; set; }
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors => [(Fa ? "sbora_B.weight" : "sbora_A.weight", Factor)];
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Frozen => [("sbora_idx", Index)];
@@ -59,10 +60,10 @@ public sealed class SboraLayer : IAdapterLayer
             if (Fa)
             {
                 var hm = x.IndexSelect(x.Dim - 1, Index);
-                if (Dropout > 0) hm = F.Dropout(hm, Dropout, Training);
+                if (Dropout > 0) hm = F.Dropout(hm, Dropout, Training, DropoutSeed);
                 return baseOutput.Add(F.Linear(hm, f), Scaling);
             }
-            var xm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
+            var xm = Dropout > 0 ? F.Dropout(x, Dropout, Training, DropoutSeed) : x;
             return baseOutput.IndexAdd(baseOutput.Dim - 1, Index, F.Linear(xm, f) * Scaling);
         }
         if (Fa)
@@ -71,11 +72,11 @@ public sealed class SboraLayer : IAdapterLayer
             // same distribution as dropping x and then multiplying by the one-hot A.
             var h = x.IndexSelect(x.Dim - 1, Index);
             if (h.DType != ScalarType.Float32) h = h.To(ScalarType.Float32);
-            if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
+            if (Dropout > 0) h = F.Dropout(h, Dropout, Training, DropoutSeed);
             return AdapterInput.AddInto(baseOutput, F.Linear(h, Scaling == 1 ? Factor : Factor * Scaling));
         }
         var hx = AdapterInput.As(x, ScalarType.Float32);   // one cast per input shared by several modules
-        if (Dropout > 0) hx = F.Dropout(hx, Dropout, Training);
+        if (Dropout > 0) hx = F.Dropout(hx, Dropout, Training, DropoutSeed);
         var delta = F.Linear(hx, Factor) * Scaling;
         return baseOutput.IndexAdd(baseOutput.Dim - 1, Index, delta.DType == baseOutput.DType ? delta : delta.To(baseOutput.DType));
     }

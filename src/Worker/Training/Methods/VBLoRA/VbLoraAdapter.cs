@@ -26,6 +26,7 @@ public sealed class VbLoraLayer : IAdapterLayer, IWholeLinearAdapter
     public double Dropout { get; }
     public bool Merged { get; set; }
     public bool Training { get; set; } = true;
+    public long DropoutSeed { get; set; }
     public bool Mixed { get; set; }
     public IReadOnlyList<(string Suffix, Tensor Tensor)> Tensors => [("vblora_logits_A", LogitsA), ("vblora_logits_B", LogitsB)];
 
@@ -94,11 +95,11 @@ public sealed class VbLoraLayer : IAdapterLayer, IWholeLinearAdapter
         if (Mixed && x.DType != a.DType)
         {
             // The factors are composed in fp32 (once per step); only their use is in x's dtype.
-            var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training) : x;
+            var hm = Dropout > 0 ? F.Dropout(x, Dropout, Training, DropoutSeed) : x;
             return baseOutput + AdapterInput.LowRank(hm, a, b);
         }
         var h = AdapterInput.As(x, ScalarType.Float32);   // one cast per input shared by several modules
-        if (Dropout > 0) h = F.Dropout(h, Dropout, Training);
+        if (Dropout > 0) h = F.Dropout(h, Dropout, Training, DropoutSeed);
         return AdapterInput.AddInto(baseOutput, F.Linear(F.Linear(h, a), b));
     }
 
