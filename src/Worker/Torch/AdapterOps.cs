@@ -68,6 +68,22 @@ public static class AdapterOps
         Linear(Native.ft_lora_linear_exact(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero, a.Handle, b.Handle, scaling, aExactInBf16 ? 1 : 0),
             x, weight, bias, a, b);
 
+    /// <summary>
+    /// DoRA's y = f ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b with fp32 adapter math over a bf16 base, f (out) fp32 = m / ‖W + s·B·A‖
+    /// (autograd carries m's gradient through it). The bracket is <see cref="LoraLinearExact"/>'s product; f·z + b is
+    /// summed in fp32 and rounded once. In backward the frozen GEMM takes bf16(gy ⊙ f), as PEFT's bf16 base output does,
+    /// and the adapter path puts f on B, so A's, B's and f's gradients are fp32 values (f's: Σ_tokens gy ⊙ z, one
+    /// deterministic kernel). No fp32 copy of x or of a (tokens × features) tensor is kept; z (bf16) is saved for f's
+    /// gradient. Available where <see cref="LoraLinearExactAvailable"/> is.
+    /// </summary>
+    public static Tensor DoraLinearExact(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, Tensor f, double scaling)
+    {
+        var r = Linear(Native.ft_dora_linear_exact(x.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero, a.Handle, b.Handle, f.Handle, scaling),
+            x, weight, bias, a, b);
+        GC.KeepAlive(f);
+        return r;
+    }
+
     // Wraps a native result; the inputs stay reachable until the native call has returned.
     private static Tensor Linear(IntPtr handle, Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b)
     {

@@ -138,6 +138,7 @@ internal static unsafe class Native
     [DllImport(Lib)] internal static extern IntPtr ft_lora_linear(IntPtr x, IntPtr w, IntPtr b, IntPtr a, IntPtr bm, double s);
     [DllImport(Lib)] internal static extern IntPtr ft_lora_linear_exact(IntPtr x, IntPtr w, IntPtr b, IntPtr a, IntPtr bm, double s, int aExact);
     [DllImport(Lib)] internal static extern int ft_lora_linear_exact_available(int deviceType);
+    [DllImport(Lib)] internal static extern IntPtr ft_dora_linear_exact(IntPtr x, IntPtr w, IntPtr b, IntPtr a, IntPtr bm, IntPtr f, double s);
     // ---- end adapter operators (bone-family)
     // ---------------------------------------------------------------- gpu-perf: training-path performance
     [DllImport(Lib)] internal static extern int ft_cuda_set_device(int index);

@@ -260,6 +260,64 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
         Assert.True(RelDiff(bf16Ga, F.Linear(F.Linear(x0.To(ScalarType.Float32), a0), b0)) > 1e-4, "the check cannot tell one term from three");
     }
 
+    /// <summary>AdapterOps.DoraLinearExact (DoRA with fp32 adapter math over a bf16 base) against PEFT's fp32 formula
+    /// y = base + (f − 1)·base + f·s·(x Aᵀ) Bᵀ, base = x Wᵀ in bf16 and the rest in fp32 with x cast to fp32, f = m/‖·‖:
+    /// A's and B's gradients to fp32 accumulation error (1e-4), m's to the bf16 rounding of the base product that both
+    /// sides differentiate through (2e-3), the bf16 output and input gradient to bf16 rounding. f is not 1, so a
+    /// misplaced scale would show.</summary>
+    [Fact]
+    public void Exact_dora_linear_matches_PEFTs_fp32_formula()
+    {
+        using var gen = new Generator(23);
+        using var scope = DisposeScope.Begin();
+        const int tokens = 96, inF = 40, outF = 24, r = 8;
+        const double s = 1.75;
+        var x0 = Tensor.Randn([2, tokens / 2, inF], gen).To(Dev, ScalarType.BFloat16);
+        var w = (Tensor.Randn([outF, inF], gen) * 0.2).To(Dev, ScalarType.BFloat16);
+        var a0 = (Tensor.Randn([r, inF], gen) * 0.3).To(Dev);
+        var b0 = (Tensor.Randn([outF, r], gen) * 0.3).To(Dev);
+        var m0 = (Tensor.Rand([outF], gen) + 0.5).To(Dev);
+        var norm = (Tensor.Rand([outF], gen) + 0.5).To(Dev);   // the detached ‖W + s·B·A‖: a constant here
+        var gy = Tensor.Randn([2, tokens / 2, outF], gen).To(Dev, ScalarType.BFloat16);
+        if (!AdapterOps.LoraLinearExactAvailable(Dev))
+        {
+            Assert.Contains("dora_linear_exact", Assert.Throws<TorchException>(() => AdapterOps.DoraLinearExact(x0, w, null, a0, b0, m0 / norm, s)).Message);
+            output.WriteLine($"exact DoRA node not available on {Dev}: checked that it refuses clearly");
+            return;
+        }
+
+        (Tensor Y, Tensor Gx, Tensor Ga, Tensor Gb, Tensor Gm) Run(bool exact)
+        {
+            var x = x0.Clone().RequiresGrad_();
+            var a = a0.Clone().RequiresGrad_();
+            var b = b0.Clone().RequiresGrad_();
+            var m = m0.Clone().RequiresGrad_();
+            var f = m / norm;
+            Tensor y;
+            if (exact) y = AdapterOps.DoraLinearExact(x, w, null, a, b, f, s);
+            else
+            {
+                var baseOut = F.Linear(x, w);
+                var lora = F.Linear(F.Linear(x.To(ScalarType.Float32), a), b) * s;
+                y = (baseOut + (f - 1) * baseOut.To(ScalarType.Float32) + f * lora).To(ScalarType.BFloat16);
+            }
+            (y.To(ScalarType.Float32) * gy.To(ScalarType.Float32)).Sum().Backward();
+            return (y.Detach(), x.Grad!, a.Grad!, b.Grad!, m.Grad!);
+        }
+
+        var e = Run(exact: true);
+        var c = Run(exact: false);
+        Assert.Equal(ScalarType.BFloat16, e.Y.DType);
+        Assert.Equal(ScalarType.Float32, e.Gm.DType);
+        var (dy, dgx, dga, dgb, dgm) = (RelDiff(e.Y, c.Y), RelDiff(e.Gx, c.Gx), RelDiff(e.Ga, c.Ga), RelDiff(e.Gb, c.Gb), RelDiff(e.Gm, c.Gm));
+        output.WriteLine($"exact DoRA vs PEFT's fp32 formula: y {dy:E2}, grad x {dgx:E2}, grad A {dga:E2}, grad B {dgb:E2}, grad m {dgm:E2}");
+        Assert.True(dy < 2e-2 && dgx < 2e-2, $"bf16 results differ: y {dy}, grad x {dgx}");
+        Assert.True(dga < 1e-4 && dgb < 1e-4, $"fp32 gradients differ: A {dga}, B {dgb}");
+        Assert.True(dgm < 2e-3, $"grad m differs by {dgm}");
+        // The check can tell: B's gradient without f (a scale left out) is off by far more than the tolerance.
+        Assert.True(RelDiff(e.Gb / (m0 / norm).Unsqueeze(1), c.Gb) > 1e-2, "the check cannot see f in B's gradient");
+    }
+
     [Fact]
     public void Bad_shapes_are_clear_errors()
     {

@@ -409,6 +409,33 @@ __global__ void split3_kernel(const float* __restrict__ src, int64_t rows, int64
   }
 }
 
+// DoRA's ∂L/∂f, f = m / ‖W + s·B·A‖: out[col] = Σ_row a[row, col]·b[row, col] over bf16 (rows, cols), fp32 products
+// and sums. Stage one: each thread sums one column over one chunk of rows (a warp reads consecutive columns of a row:
+// coalesced) into partial (chunks, cols); stage two adds the chunks in order, so the result is deterministic.
+__global__ void col_dot_partial_kernel(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ b,
+                                       int64_t rows, int64_t cols, int64_t rows_per_chunk, float* __restrict__ partial) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= cols) return;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+  float acc0 = 0.f, acc1 = 0.f;
+  int64_t r = r0;
+  for (; r + 1 < r1; r += 2) {
+    acc0 += __bfloat162float(a[r * cols + col]) * __bfloat162float(b[r * cols + col]);
+    acc1 += __bfloat162float(a[(r + 1) * cols + col]) * __bfloat162float(b[(r + 1) * cols + col]);
+  }
+  if (r < r1) acc0 += __bfloat162float(a[r * cols + col]) * __bfloat162float(b[r * cols + col]);
+  partial[static_cast<int64_t>(blockIdx.y) * cols + col] = acc0 + acc1;
+}
+
+__global__ void col_sum_kernel(const float* __restrict__ partial, int64_t chunks, int64_t cols, float* __restrict__ out) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= cols) return;
+  float acc = 0.f;
+  for (int64_t c = 0; c < chunks; ++c) acc += partial[c * cols + col];
+  out[col] = acc;
+}
+
 }  // namespace
 
 extern "C" int ft_fused_rotary(const void* x, const void* cos, const void* sin, void* out, int64_t rows, int64_t d,
@@ -469,6 +496,21 @@ extern "C" int ft_fused_split3(const float* src, int64_t rows, int64_t cols, int
   if (rows == 0 || cols == 0) return FT_FUSED_OK;
   split3_kernel<<<blocks_for(rows * cols, kThreads), kThreads, 0, stream>>>(
       src, rows, cols, row_stride, part_stride, col_stride, parts, scale, static_cast<__nv_bfloat16*>(dst), planar);
+  return launch_status();
+}
+
+extern "C" int ft_fused_col_dot(const void* a, const void* b, int64_t rows, int64_t cols, int64_t chunks, float* partial,
+                                float* out, ft_stream_t stream) {
+  if (rows < 0 || cols < 0 || chunks < 1 || chunks > 65535) return FT_FUSED_BAD_SHAPE;
+  if (cols == 0) return FT_FUSED_OK;
+  const int64_t per_chunk = rows == 0 ? 1 : (rows + chunks - 1) / chunks;
+  const dim3 grid(blocks_for(cols, kThreads), static_cast<unsigned>(chunks));
+  col_dot_partial_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(a),
+                                                        static_cast<const __nv_bfloat16*>(b), rows, cols, per_chunk,
+                                                        partial);
+  const int rc = launch_status();
+  if (rc != FT_FUSED_OK) return rc;
+  col_sum_kernel<<<blocks_for(cols, kThreads), kThreads, 0, stream>>>(partial, chunks, cols, out);
   return launch_status();
 }
 

@@ -1037,6 +1037,83 @@ struct LoraLinearExact : public torch::autograd::Function<LoraLinearExact> {
     return {gx, at::Tensor(), at::Tensor(), ga, gb, at::Tensor(), at::Tensor()};
   }
 };
+
+// Σ_row a ⊙ b per column of bf16 (rows, cols), fp32 and deterministic (ft_fused_col_dot).
+at::Tensor col_dot(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t rows = a.size(0), cols = a.size(1);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, (rows + 127) / 128));
+  auto partial = at::empty({chunks, cols}, a.options().dtype(at::kFloat));
+  auto out = at::empty({cols}, a.options().dtype(at::kFloat));
+  fused_check(ft_fused_col_dot(a.data_ptr(), b.data_ptr(), rows, cols, chunks, partial.data_ptr<float>(),
+                               out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
+              "col_dot");
+  return out;
+}
+
+// DoRA with fp32 adapter math over a bf16 base: y = f ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b, f (out) fp32 = m / ‖W + s·B·A‖
+// (the norm detached: f carries m's gradient). z, the bracket, is the exact LoRA product above (bf16, rounded once);
+// y = f·z + b is computed in fp32 and rounded once more (PEFT rounds the base output, then the scaled sum: two
+// roundings each). Backward: the base path takes bf16(gy ⊙ f), what PEFT's bf16 base output receives; the adapter path
+// keeps gy exact and moves f onto B, (gy ⊙ f)·B = gy·(f ⊙ B) and ∂L/∂B = f ⊙ s·gyᵀ(x Aᵀ), so A's and B's gradients
+// are fp32 values as in PEFT; ∂L/∂f = Σ_tokens gy ⊙ z in fp32 (one kernel pass). Saves z (bf16) beside LoRA's tensors.
+struct DoraLinearExact : public torch::autograd::Function<DoraLinearExact> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias,
+                            at::Tensor a, at::Tensor b, at::Tensor f, double s) {
+    const int64_t r = a.size(0), in = a.size(1), out = w.size(0);
+    auto x2 = x.reshape({-1, in});
+    auto a3 = split3(a, 1.0, true);                                          // (3, r, in)
+    auto p = at::mm(x2, a3.view({3 * r, in}).t(), at::kFloat);              // (N, 3r)
+    auto t3 = sum3_split3(p, r, s);                                          // split of s·x Aᵀ
+    auto b3 = split3(b, 1.0, false);                                         // (out, 3r)
+    auto z = at::mm(left_pairs(t3, r), right_pairs(b3, r).t());              // s·(x Aᵀ) Bᵀ, bf16
+    z.addmm_(x2, w.t());                                                     // + x Wᵀ in the big GEMM
+    at::Tensor y;
+    if (bias.has_value()) {
+      y = at::mul(z, f).add_(*bias).to(z.scalar_type());                   // f·z + b in fp32, rounded once
+    } else {
+      y = at::empty_like(z);
+      at::mul_out(y, z, f);                                                  // f·z in fp32, rounded to bf16
+    }
+    ctx->save_for_backward({x, w, a3, b, t3, z, f});
+    ctx->saved_data["s"] = s;
+    ctx->saved_data["grads"] = static_cast<int64_t>((x.requires_grad() ? 1 : 0) | (a.requires_grad() ? 2 : 0) |
+                                                    (b.requires_grad() ? 4 : 0) | (f.requires_grad() ? 8 : 0));
+    auto shape = x.sizes().vec();
+    shape.back() = out;
+    return y.view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto& w = saved[1];
+    const auto& a3 = saved[2];
+    const auto& b = saved[3];
+    const auto& t3 = saved[4];
+    const auto& z = saved[5];
+    const auto& f = saved[6];
+    const double s = ctx->saved_data["s"].toDouble();
+    const int64_t need = ctx->saved_data["grads"].toInt();
+    const int64_t r = a3.size(1), in = a3.size(2), out = w.size(0);
+    auto g2 = grads[0].to(x.scalar_type()).contiguous().view({-1, out});
+    auto x2 = x.reshape({-1, in});
+    auto fb = b * f.unsqueeze(1);                                            // f ⊙ B, (out, r) fp32
+    auto gt3 = sum3_split3(at::mm(g2, split3(fb, 1.0, false), at::kFloat), r, s);  // split of s·(gy ⊙ f) B
+    at::Tensor gx, ga, gb, gf;
+    if (need & 1) {
+      auto gzf = at::empty_like(g2);
+      at::mul_out(gzf, g2, f);                                               // bf16(gy ⊙ f) for the frozen GEMM
+      auto ar = at::cat({a3.select(0, 0), a3.select(0, 1), a3.select(0, 0)}, 0);
+      gx = at::mm(left_pairs(gt3, r), ar);
+      gx.addmm_(gzf, w);
+      gx = gx.view(x.sizes());
+    }
+    if (need & 2) ga = at::mm(gt3.t(), x2, at::kFloat).view({3, r, in}).sum(0);
+    if (need & 4) gb = at::mm(g2.t(), t3, at::kFloat).view({out, 3, r}).sum(1).mul_(f.unsqueeze(1));
+    if (need & 8) gf = col_dot(g2, z.view({-1, out}));
+    return {gx, at::Tensor(), at::Tensor(), ga, gb, gf, at::Tensor()};
+  }
+};
 }  // namespace
 #endif
 
@@ -1048,6 +1125,32 @@ FT_API int ft_lora_linear_exact_available(int device_type) {
   (void)device_type;
   return 0;
 #endif
+}
+
+// DoRA's y = f ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b with x and W bf16 on CUDA, A, B and f (out) fp32 (see DoraLinearExact);
+// available where ft_lora_linear_exact is.
+FT_API T ft_dora_linear_exact(T x, T w, T b, T a, T bm, T f, double s) {
+  FT_TRY(nullptr, {
+#ifdef FT_SPLIT_GEMM
+    TORCH_CHECK(x->is_cuda() && x->scalar_type() == at::kBFloat16 && w->scalar_type() == at::kBFloat16,
+                "dora_linear_exact: x and W must be bf16 CUDA tensors, got ", x->scalar_type(), " on ", x->device(), " and ", w->scalar_type());
+    TORCH_CHECK(a->scalar_type() == at::kFloat && bm->scalar_type() == at::kFloat && f->scalar_type() == at::kFloat,
+                "dora_linear_exact: A, B and f must be fp32, got ", a->scalar_type(), ", ", bm->scalar_type(), " and ", f->scalar_type());
+    TORCH_CHECK(!w->requires_grad() && !(b && b->requires_grad()), "dora_linear_exact: the base weight and bias must be frozen");
+    TORCH_CHECK(w->dim() == 2 && a->dim() == 2 && bm->dim() == 2 && f->dim() == 1 && w->size(1) == x->size(-1) &&
+                    a->size(1) == w->size(1) && bm->size(1) == a->size(0) && bm->size(0) == w->size(0) && f->size(0) == w->size(0),
+                "dora_linear_exact: shapes do not chain: x ", x->sizes(), ", W ", w->sizes(), ", A ", a->sizes(), ", B ", bm->sizes(),
+                ", f ", f->sizes());
+    c10::cuda::CUDAGuard guard(x->device());
+    c10::optional<at::Tensor> bias;
+    if (b) bias = *b;
+    return wrap(DoraLinearExact::apply(*x, *w, bias, *a, *bm, *f, s));
+#else
+    (void)x; (void)w; (void)b; (void)a; (void)bm; (void)f; (void)s;
+    TORCH_CHECK(false, "dora_linear_exact needs CUDA, the fused kernels and libtorch >= 2.8 (this build has not)");
+    return static_cast<T>(nullptr);
+#endif
+  })
 }
 
 // y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with x and W bf16 on CUDA, A (r, in) and B (out, r) fp32, computed as described above;

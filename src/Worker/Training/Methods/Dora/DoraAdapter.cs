@@ -98,12 +98,18 @@ public sealed class DoraLayer : IAdapterLayer, IWholeLinearAdapter
         return (BaseSquaredNorm() + cross).Clamp(0, null).Sqrt().MoveToOuterScope();
     }
 
-    /// <summary>adapterDtype mixed without dropout: W' x = f·(x Wᵀ + s·(x Aᵀ) Bᵀ), so the whole module is LoRA's fused linear
-    /// node in x's dtype times f (cast to it; m's gradient comes back in fp32 through the cast), plus the bias.
-    /// Otherwise null: the base product, then <see cref="Forward"/> (PEFT's formula, in fp32).</summary>
+    /// <summary>Without dropout W' x = f·(x Wᵀ + s·(x Aᵀ) Bᵀ). adapterDtype mixed: the whole module is LoRA's fused linear
+    /// node in x's dtype times f (cast to it; m's gradient comes back in fp32 through the cast), plus the bias. fp32
+    /// adapters over a bf16 base on CUDA: DoRA's exact node (<see cref="AdapterOps.DoraLinearExact"/>), fp32 adapter
+    /// math without fp32 activations. Otherwise null: the base product, then <see cref="Forward"/> (PEFT's formula, in
+    /// fp32).</summary>
     public Tensor? ForwardWhole(Tensor x)
     {
-        if (!Mixed || Merged || (Dropout > 0 && Training) || x.DType != Base.Weight.DType || x.DType == A.DType) return null;
+        if (Merged || (Dropout > 0 && Training) || x.DType != Base.Weight.DType || x.DType == A.DType) return null;
+        if (!Mixed)
+            return AdapterOps.LoraLinearExactApplies(x, A.DType)
+                ? AdapterOps.DoraLinearExact(x, Base.Weight, Base.Bias, A, B, Magnitude / WeightNorm(), Scaling)
+                : null;
         var y = AdapterOps.LoraLinear(x, Base.Weight, null, A, B, Scaling) * (Magnitude / WeightNorm()).To(x.DType);
         return Base.Bias is null ? y : y + Base.Bias;
     }
