@@ -262,8 +262,9 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
 
     /// <summary>AdapterOps.DoraLinearExact (DoRA with fp32 adapter math over a bf16 base) against PEFT's fp32 formula
     /// y = base + (f − 1)·base + f·s·(x Aᵀ) Bᵀ, base = x Wᵀ in bf16 and the rest in fp32 with x cast to fp32, f = m/‖·‖:
-    /// A's and B's gradients to fp32 accumulation error (1e-4), m's to the bf16 rounding of the base product that both
-    /// sides differentiate through (2e-3), the bf16 output and input gradient to bf16 rounding. f is not 1, so a
+    /// A's and B's gradients to fp32 accumulation error (1e-4), m's to the bf16 rounding of the product that each side
+    /// differentiates through (one bf16 ulp, 2^-8: with random gy the relative error does not shrink with the tokens; 2.2e-3
+    /// measured on the H200), the bf16 output and input gradient to bf16 rounding. f is not 1, so a
     /// misplaced scale would show.</summary>
     [Fact]
     public void Exact_dora_linear_matches_PEFTs_fp32_formula()
@@ -313,7 +314,7 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
         output.WriteLine($"exact DoRA vs PEFT's fp32 formula: y {dy:E2}, grad x {dgx:E2}, grad A {dga:E2}, grad B {dgb:E2}, grad m {dgm:E2}");
         Assert.True(dy < 2e-2 && dgx < 2e-2, $"bf16 results differ: y {dy}, grad x {dgx}");
         Assert.True(dga < 1e-4 && dgb < 1e-4, $"fp32 gradients differ: A {dga}, B {dgb}");
-        Assert.True(dgm < 2e-3, $"grad m differs by {dgm}");
+        Assert.True(dgm < 5e-3, $"grad m differs by {dgm}");
         // The check can tell: B's gradient without f (a scale left out) is off by far more than the tolerance.
         Assert.True(RelDiff(e.Gb / (m0 / norm).Unsqueeze(1), c.Gb) > 1e-2, "the check cannot see f in B's gradient");
     }
