@@ -319,6 +319,48 @@ public sealed class FusedOpsTests(ITestOutputHelper output)
         Assert.True(RelDiff(e.Gb / (m0 / norm).Unsqueeze(1), c.Gb) > 1e-2, "the check cannot see f in B's gradient");
     }
 
+    /// <summary>Early in training m moves by the learning rate, so f = m/‖·‖ differs from 1 by less than bf16's resolution.
+    /// PEFT's fp32 sum f·v + f·s·(x Aᵀ) Bᵀ, rounded once, still moves y by (f − 1)·y on average; scaling an already
+    /// rounded bf16 product would move no element at all. The exact DoRA node must move y as PEFT's formula does.</summary>
+    [Fact]
+    public void Exact_dora_linear_keeps_a_magnitude_change_below_bf16_resolution()
+    {
+        using var gen = new Generator(29);
+        using var scope = DisposeScope.Begin();
+        const int tokens = 512, inF = 64, outF = 64, r = 8;
+        var x = Tensor.Randn([tokens, inF], gen).To(Dev, ScalarType.BFloat16);
+        var w = (Tensor.Randn([outF, inF], gen) * 0.2).To(Dev, ScalarType.BFloat16);
+        var a = (Tensor.Randn([r, inF], gen) * 0.3).To(Dev);
+        var b = (Tensor.Randn([outF, r], gen) * 0.01).To(Dev);   // a small adapter term, as early in training
+        if (!AdapterOps.LoraLinearExactAvailable(Dev))
+        {
+            output.WriteLine($"exact DoRA node not available on {Dev}");
+            return;
+        }
+        const double df = 3e-4;   // below bf16's relative resolution (2^-8 ≈ 3.9e-3)
+        var one = Tensor.Ones([outF], device: Dev);
+        var f = one * (1 + df);
+        Tensor Peft(Tensor fs)
+        {
+            var baseOut = F.Linear(x, w);
+            var lora = F.Linear(F.Linear(x.To(ScalarType.Float32), a), b);
+            return (baseOut + (fs - 1) * baseOut.To(ScalarType.Float32) + fs * lora).To(ScalarType.BFloat16).To(ScalarType.Float32);
+        }
+        Tensor Node(Tensor fs) => AdapterOps.DoraLinearExact(x, w, null, a, b, fs, 1.0).To(ScalarType.Float32);
+        // How far y moved along itself, in units of df: Σ (y_f − y₁)·y₁ / Σ y₁² / df is ~1 when the change survives the
+        // rounding (each element flips to its neighbour with a probability that makes the mean move (f − 1)·y), 0 when
+        // no element moves.
+        double Moved(Func<Tensor, Tensor> y)
+        {
+            var y1 = y(one);
+            return ((y(f) - y1) * y1).Sum().ItemDouble() / (y1 * y1).Sum().ItemDouble() / df;
+        }
+        var (peft, node) = (Moved(Peft), Moved(Node));
+        output.WriteLine($"y moved by (f − 1)·y times: PEFT's formula {peft:F3}, exact node {node:F3}");
+        Assert.InRange(peft, 0.5, 1.5);
+        Assert.InRange(node, peft - 0.25, peft + 0.25);
+    }
+
     [Fact]
     public void Bad_shapes_are_clear_errors()
     {

@@ -409,6 +409,17 @@ __global__ void split3_kernel(const float* __restrict__ src, int64_t rows, int64
   }
 }
 
+// DoRA's output y = bf16(f[col]·(v + d)) over bf16 (rows, cols): the frozen product v and the adapter's d summed and
+// scaled in fp32 and rounded once, so a change of f below bf16's resolution still moves y on average, as in PEFT's fp32
+// sum. Rounding v + d to bf16 before the scale would lose it.
+__global__ void dora_combine_kernel(const __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ d,
+                                    const float* __restrict__ f, __nv_bfloat16* __restrict__ y, int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    y[i] = __float2bfloat16(f[i % cols] * (__bfloat162float(v[i]) + __bfloat162float(d[i])));
+}
+
 // DoRA's ∂L/∂f, f = m / ‖W + s·B·A‖: out[col] = Σ_row a[row, col]·b[row, col] over bf16 (rows, cols), fp32 products
 // and sums. Stage one: each thread sums one column over one chunk of rows (a warp reads consecutive columns of a row:
 // coalesced) into partial (chunks, cols); stage two adds the chunks in order, so the result is deterministic.
@@ -496,6 +507,15 @@ extern "C" int ft_fused_split3(const float* src, int64_t rows, int64_t cols, int
   if (rows == 0 || cols == 0) return FT_FUSED_OK;
   split3_kernel<<<blocks_for(rows * cols, kThreads), kThreads, 0, stream>>>(
       src, rows, cols, row_stride, part_stride, col_stride, parts, scale, static_cast<__nv_bfloat16*>(dst), planar);
+  return launch_status();
+}
+
+extern "C" int ft_fused_dora_combine(const void* v, const void* d, const float* f, void* y, int64_t rows, int64_t cols,
+                                     ft_stream_t stream) {
+  if (rows < 0 || cols < 0) return FT_FUSED_BAD_SHAPE;
+  if (rows == 0 || cols == 0) return FT_FUSED_OK;
+  dora_combine_kernel<<<blocks_for(rows * cols, kThreads), kThreads, 0, stream>>>(
+      static_cast<const __nv_bfloat16*>(v), static_cast<const __nv_bfloat16*>(d), f, static_cast<__nv_bfloat16*>(y), rows, cols);
   return launch_status();
 }
 

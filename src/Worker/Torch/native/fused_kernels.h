@@ -41,6 +41,10 @@ int ft_fused_swiglu_backward(const void* dy, const void* gate, const void* up, v
 int ft_fused_split3(const float* src, int64_t rows, int64_t cols, int64_t row_stride, int64_t part_stride,
                     int64_t col_stride, int parts, float scale, void* dst, int planar, ft_stream_t stream);
 
+// y = f[col]·(v + d) for contiguous bf16 (rows, cols) v, d, y and fp32 f (cols): fp32 sum and product, one rounding.
+int ft_fused_dora_combine(const void* v, const void* d, const float* f, void* y, int64_t rows, int64_t cols,
+                          ft_stream_t stream);
+
 // out[col] = Σ_row a[row, col]·b[row, col] for contiguous bf16 (rows, cols), in fp32, deterministic: partial is fp32
 // scratch of (chunks, cols), 1 ≤ chunks ≤ 65535 (rows are split into that many chunks).
 int ft_fused_col_dot(const void* a, const void* b, int64_t rows, int64_t cols, int64_t chunks, float* partial,

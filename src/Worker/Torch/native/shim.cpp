@@ -1051,11 +1051,14 @@ at::Tensor col_dot(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // DoRA with fp32 adapter math over a bf16 base: y = f ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b, f (out) fp32 = m / ‖W + s·B·A‖
-// (the norm detached: f carries m's gradient). z, the bracket, is the exact LoRA product above (bf16, rounded once);
-// y = f·z + b is computed in fp32 and rounded once more (PEFT rounds the base output, then the scaled sum: two
-// roundings each). Backward: the base path takes bf16(gy ⊙ f), what PEFT's bf16 base output receives; the adapter path
-// keeps gy exact and moves f onto B, (gy ⊙ f)·B = gy·(f ⊙ B) and ∂L/∂B = f ⊙ s·gyᵀ(x Aᵀ), so A's and B's gradients
-// are fp32 values as in PEFT; ∂L/∂f = Σ_tokens gy ⊙ z in fp32 (one kernel pass). Saves z (bf16) beside LoRA's tensors.
+// (the norm detached: f carries m's gradient). The frozen product v = x Wᵀ (bf16, as PEFT's base output) and the
+// adapter's d = s·(x Aᵀ) Bᵀ (the exact split products above, bf16) are summed and scaled by f in fp32 and rounded once
+// (dora_combine): PEFT's bf16(f·v + f·s·(x Aᵀ) Bᵀ) but for d's own rounding, which is tiny beside v. A change of f below
+// bf16's resolution (early in training, m moves by the learning rate) thus still moves y, as in PEFT; rounding v + d
+// first and scaling after would lose it. Backward: the frozen GEMM takes bf16(gy ⊙ f), what PEFT's bf16 base output
+// receives; the adapter path keeps gy exact and moves f onto B, (gy ⊙ f)·B = gy·(f ⊙ B) and ∂L/∂B = f ⊙ s·gyᵀ(x Aᵀ), so
+// A's and B's gradients are fp32 values as in PEFT; ∂L/∂f = Σ_tokens gy ⊙ (v + d), taken as Σ gy ⊙ y₀ / f from the
+// saved bf16 output y₀ = f ⊙ (v + d) (one deterministic kernel pass).
 struct DoraLinearExact : public torch::autograd::Function<DoraLinearExact> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias,
                             at::Tensor a, at::Tensor b, at::Tensor f, double s) {
@@ -1065,16 +1068,16 @@ struct DoraLinearExact : public torch::autograd::Function<DoraLinearExact> {
     auto p = at::mm(x2, a3.view({3 * r, in}).t(), at::kFloat);              // (N, 3r)
     auto t3 = sum3_split3(p, r, s);                                          // split of s·x Aᵀ
     auto b3 = split3(b, 1.0, false);                                         // (out, 3r)
-    auto z = at::mm(left_pairs(t3, r), right_pairs(b3, r).t());              // s·(x Aᵀ) Bᵀ, bf16
-    z.addmm_(x2, w.t());                                                     // + x Wᵀ in the big GEMM
-    at::Tensor y;
-    if (bias.has_value()) {
-      y = at::mul(z, f).add_(*bias).to(z.scalar_type());                   // f·z + b in fp32, rounded once
-    } else {
-      y = at::empty_like(z);
-      at::mul_out(y, z, f);                                                  // f·z in fp32, rounded to bf16
-    }
-    ctx->save_for_backward({x, w, a3, b, t3, z, f});
+    auto d = at::mm(left_pairs(t3, r), right_pairs(b3, r).t());              // s·(x Aᵀ) Bᵀ, bf16
+    auto v = at::mm(x2, w.t());                                              // x Wᵀ, bf16
+    auto fc = f.contiguous();
+    auto y0 = at::empty_like(v);
+    fused_check(ft_fused_dora_combine(v.data_ptr(), d.data_ptr(), fc.data_ptr<float>(), y0.data_ptr(), v.size(0), out,
+                                      at::cuda::getCurrentCUDAStream().stream()),
+                "dora_combine");
+    // A bias (not in Llama's linears) is added after the one rounding of the DoRA product.
+    auto y = bias.has_value() ? y0 + bias->to(y0.scalar_type()) : y0;
+    ctx->save_for_backward({x, w, a3, b, t3, y0, fc});
     ctx->saved_data["s"] = s;
     ctx->saved_data["grads"] = static_cast<int64_t>((x.requires_grad() ? 1 : 0) | (a.requires_grad() ? 2 : 0) |
                                                     (b.requires_grad() ? 4 : 0) | (f.requires_grad() ? 8 : 0));
@@ -1090,7 +1093,7 @@ struct DoraLinearExact : public torch::autograd::Function<DoraLinearExact> {
     const auto& a3 = saved[2];
     const auto& b = saved[3];
     const auto& t3 = saved[4];
-    const auto& z = saved[5];
+    const auto& y0 = saved[5];
     const auto& f = saved[6];
     const double s = ctx->saved_data["s"].toDouble();
     const int64_t need = ctx->saved_data["grads"].toInt();
@@ -1110,7 +1113,7 @@ struct DoraLinearExact : public torch::autograd::Function<DoraLinearExact> {
     }
     if (need & 2) ga = at::mm(gt3.t(), x2, at::kFloat).view({3, r, in}).sum(0);
     if (need & 4) gb = at::mm(g2.t(), t3, at::kFloat).view({out, 3, r}).sum(1).mul_(f.unsqueeze(1));
-    if (need & 8) gf = col_dot(g2, z.view({-1, out}));
+    if (need & 8) gf = col_dot(g2, y0).div_(f);                             // Σ gy ⊙ (v + d)
     return {gx, at::Tensor(), at::Tensor(), ga, gb, gf, at::Tensor()};
   }
 };
