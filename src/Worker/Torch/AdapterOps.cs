@@ -70,11 +70,12 @@ public static class AdapterOps
 
     /// <summary>
     /// DoRA's y = f ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b with fp32 adapter math over a bf16 base, f (out) fp32 = m / ‖W + s·B·A‖
-    /// (autograd carries m's gradient through it). The bracket is <see cref="LoraLinearExact"/>'s product; f·z + b is
-    /// summed in fp32 and rounded once. In backward the frozen GEMM takes bf16(gy ⊙ f), as PEFT's bf16 base output does,
-    /// and the adapter path puts f on B, so A's, B's and f's gradients are fp32 values (f's: Σ_tokens gy ⊙ z, one
-    /// deterministic kernel). No fp32 copy of x or of a (tokens × features) tensor is kept; z (bf16) is saved for f's
-    /// gradient. Available where <see cref="LoraLinearExactAvailable"/> is.
+    /// (autograd carries m's gradient through it). The frozen product (bf16, as PEFT's base output) and the adapter's
+    /// (<see cref="LoraLinearExact"/>'s split products) are summed and scaled by f in fp32 and rounded once, so changes of
+    /// f below bf16's resolution still move y as in PEFT. In backward the frozen GEMM takes bf16(gy ⊙ f), as PEFT's base
+    /// output does, and the adapter path puts f on B, so A's and B's gradients are fp32 values; f's is Σ_tokens gy ⊙ y/f
+    /// from the saved bf16 output (one deterministic kernel). No fp32 copy of x or of a (tokens × features) tensor is
+    /// kept. Available where <see cref="LoraLinearExactAvailable"/> is.
     /// </summary>
     public static Tensor DoraLinearExact(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, Tensor f, double scaling)
     {

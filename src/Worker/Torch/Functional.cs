@@ -58,6 +58,8 @@ public static class F
     /// saves gate and up; one kernel each way on CUDA when <see cref="Cuda.FusedKernelsAvailable"/>.</summary>
     public static Tensor SwiGlu(Tensor gate, Tensor up) => Call(Native.ft_swiglu(gate.Handle, up.Handle), gate, up);
 
+    /// <summary>Dropout from the device's default generator, which every job on the device shares; training uses the
+    /// seeded overload below.</summary>
     public static Tensor Dropout(Tensor x, double p, bool training) => Call(Native.ft_dropout(x.Handle, p, training ? 1 : 0), x);
 
     /// <summary>Dropout whose mask depends on <paramref name="seed"/> alone (a generator made for the call on x's
