@@ -165,10 +165,11 @@ public abstract class AdapterMethodBase(MethodSpec spec) : IAdapterMethod
 
     public void BeginMicroBatch(long step, int index)
     {
-        var layer = 0L;
+        var micro = (ulong)Trainer.StepSeed(Seed, step) ^ ((ulong)index * 0x9E3779B97F4A7C15UL);
+        var layer = 0UL;
         foreach (var l in _layers.Values)
         {
-            var s = (ulong)Trainer.StepSeed(Seed, step) ^ ((ulong)index * 0x9E3779B97F4A7C15UL) ^ ((ulong)++layer * 0xBF58476D1CE4E5B9UL);
+            var s = micro ^ (++layer * 0xBF58476D1CE4E5B9UL);
             l.DropoutSeed = (long)(Data.TrainingData.SplitMix64(ref s) >> 1);
         }
     }
